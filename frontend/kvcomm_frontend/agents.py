@@ -1,0 +1,96 @@
+"""Multi-agent programs written with ``@sgl.function`` and fork/join.
+
+``fully_connected``: N agents with distinct roles answer a question in turn; each sees the
+question and the answers of the agents before it; a decision agent reads them all and answers.
+Each agent's prompt starts with its own system prompt, so the shared text (the question, the
+other agents' answers) sits behind a different prefix in every prompt: the case a radix cache
+cannot reuse and KVCOMM targets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sglang as sgl
+
+
+@dataclass(frozen=True)
+class AgentRole:
+    name: str
+    system_prompt: str
+
+
+MATH_ROLES = (
+    AgentRole(
+        "Math Solver",
+        "You are a careful math solver. Solve the problem step by step with short sentences "
+        "and finish with 'The answer is N.' where N is a number.",
+    ),
+    AgentRole(
+        "Mathematical Analyst",
+        "You are a mathematical analyst. Check the reasoning of the other agents, point out "
+        "mistakes, compute the result yourself and finish with 'The answer is N.'",
+    ),
+    AgentRole(
+        "Inspector",
+        "You are an inspector who verifies arithmetic. Recompute every quantity in the problem "
+        "and finish with 'The answer is N.'",
+    ),
+)
+
+MATH_DECISION = AgentRole(
+    "Decision Maker",
+    "You are the decision maker of a team of math agents. Read the problem and the agents' "
+    "answers, decide which final answer is right and reply only with 'The answer is N.'",
+)
+
+
+def agent_message(question: str, previous: list[tuple[str, str]]) -> str:
+    parts = [f"Problem: {question.strip()}"]
+    for name, answer in previous:
+        parts.append(f"Answer of the {name}: {answer.strip()}")
+    parts.append("Your answer:")
+    return "\n\n".join(parts)
+
+
+@sgl.function
+def fully_connected(
+    s,  # noqa: ANN001 (sglang program state)
+    question: str,
+    roles: tuple[AgentRole, ...] = MATH_ROLES,
+    decision: AgentRole = MATH_DECISION,
+    max_tokens: int = 96,
+    decision_max_tokens: int = 24,
+) -> list[dict]:
+    """Returns one record per agent (role, answer, the server's and client's meta info)."""
+    agents = s.fork(len(roles))
+    answers: list[tuple[str, str]] = []
+    records = []
+    for agent, role in zip(agents, roles):
+        agent += sgl.system(role.system_prompt)
+        agent += sgl.user(agent_message(question, answers))
+        agent += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))
+        answers.append((role.name, agent["answer"]))  # blocks: the next agent needs it
+        records.append({"agent": role.name, "answer": agent["answer"],
+                        "meta": agent.get_meta_info("answer")})  # fmt: skip
+    agents.join()
+    s += sgl.system(decision.system_prompt)
+    s += sgl.user(agent_message(question, answers))
+    s += sgl.assistant(sgl.gen("final", max_tokens=decision_max_tokens, temperature=0))
+    records.append({"agent": decision.name, "answer": s["final"],
+                    "meta": s.get_meta_info("final")})  # fmt: skip
+    return records
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> str | None:
+    """The number after the last 'answer is', else the last number in the text."""
+    tail = text.rsplit("answer is", 1)[-1] if "answer is" in text else text
+    numbers = _NUMBER.findall(tail) or _NUMBER.findall(text)
+    if not numbers:
+        return None
+    value = numbers[0 if "answer is" in text else -1].replace(",", "").rstrip(".")
+    return value[:-2] if value.endswith(".0") else value

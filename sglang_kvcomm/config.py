@@ -1,0 +1,138 @@
+"""The extension's configuration: its command-line flags, their validation, and their transport.
+
+Flags are parsed in the launcher; scheduler processes are spawned and inherit the environment,
+so the launcher hands the validated configuration to them as JSON in ``SGLANG_KVCOMM_CONFIG``.
+This module does not import sglang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+ENV_VAR = "SGLANG_KVCOMM_CONFIG"
+BACKEND_NAME = "kvcomm"
+
+
+class KVCommConfigError(ValueError):
+    """A bad ``--kvcomm*`` value or combination; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class KVCommConfig:
+    """KVCOMM's serving knobs (paper defaults). Validated on construction."""
+
+    threshold: float = 0.3  # gamma: entropy gate, shareable if H <= gamma * log2(N)
+    max_anchors: int = 20  # V: anchor pool capacity per placeholder
+    window: int = 5  # W: eviction drops the least activated of the W oldest anchors
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise KVCommConfigError(f"--kvcomm-threshold must be in [0, 1], got {self.threshold}")
+        if self.max_anchors < 2:
+            raise KVCommConfigError(
+                f"--kvcomm-max-anchors must be >= 2 (the gate needs two anchors), "
+                f"got {self.max_anchors}"
+            )
+        if not 1 <= self.window <= self.max_anchors:
+            raise KVCommConfigError(
+                f"--kvcomm-window must be in [1, --kvcomm-max-anchors={self.max_anchors}], "
+                f"got {self.window}"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> KVCommConfig:
+        """The launcher's configuration, or the defaults (e.g. ``--radix-cache-backend kvcomm``
+        used directly, or the offline Engine)."""
+        raw = environ.get(ENV_VAR)
+        if not raw:
+            return cls()
+        try:
+            values = json.loads(raw)
+            known = {f.name for f in fields(cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise KVCommConfigError(f"{ENV_VAR} has unknown keys {sorted(unknown)}")
+            return cls(**values)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise KVCommConfigError(f"{ENV_VAR} is not a valid configuration: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # KVCommConfig field
+    option: str
+    type: type
+    help: str
+
+
+_FLAGS = (
+    _Flag("threshold", "--kvcomm-threshold", float, "Entropy gate gamma in [0, 1]: a shared segment is reused when the "
+          "entropy of its anchor-match distribution is at most gamma * log2(#anchors); lower "
+          "is stricter."),
+    _Flag("max_anchors", "--kvcomm-max-anchors", int, "Anchor pool capacity V per placeholder (>= 2)."),
+    _Flag("window", "--kvcomm-window", int, "Eviction window W (1 <= W <= V): when a pool is full, the least "
+          "activated of its W oldest anchors is dropped."),
+)
+
+# Server-args fields that pick a different cache, or no cache: --kvcomm cannot honour them.
+_CONFLICTS = {
+    "disable_radix_cache": "--disable-radix-cache",
+    "enable_hierarchical_cache": "--enable-hierarchical-cache",
+    "enable_lmcache": "--enable-lmcache",
+    "enable_flexkv": "--enable-flexkv",
+}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--kvcomm`` and its options to SGLang's server parser."""
+    group = parser.add_argument_group(
+        "KVCOMM (sglang-kvcomm)",
+        "Cross-context KV-cache reuse for multi-agent programs (KVCOMM, NeurIPS 2025).",
+    )
+    group.add_argument(
+        "--kvcomm",
+        action="store_true",
+        help="Enable KVCOMM: selects the 'kvcomm' radix-cache backend, which reuses the KV of "
+        "text shared across agent prompts behind different prefixes.",
+    )
+    defaults = KVCommConfig()
+    for flag in _FLAGS:
+        default = getattr(defaults, flag.name)
+        group.add_argument(
+            flag.option,
+            type=flag.type,
+            default=None,
+            metavar=flag.type.__name__.upper(),
+            help=f"{flag.help} Default: {default}. Needs --kvcomm.",
+        )
+
+
+def config_from_cli_args(args: argparse.Namespace) -> KVCommConfig | None:
+    """Validate the parsed flags and select the backend on ``args``; None without --kvcomm.
+
+    Raises KVCommConfigError with a one-line message naming the offending flag.
+    """
+    given = {f.name: getattr(args, f"kvcomm_{f.name}", None) for f in _FLAGS}
+    if not getattr(args, "kvcomm", False):
+        stray = [f.option for f in _FLAGS if given[f.name] is not None]
+        if stray:
+            raise KVCommConfigError(f"{stray[0]} needs --kvcomm")
+        return None
+    for field, option in _CONFLICTS.items():
+        if getattr(args, field, False):
+            raise KVCommConfigError(f"--kvcomm cannot be combined with {option}")
+    backend = getattr(args, "radix_cache_backend", None)
+    if backend not in (None, BACKEND_NAME):
+        raise KVCommConfigError(
+            f"--kvcomm selects --radix-cache-backend={BACKEND_NAME}; got {backend!r}"
+        )
+    config = KVCommConfig(**{k: v for k, v in given.items() if v is not None})
+    args.radix_cache_backend = BACKEND_NAME
+    return config

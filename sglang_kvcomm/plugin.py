@@ -1,0 +1,103 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``) and every hook into SGLang.
+
+SGLang runs ``register`` in the launcher before the command line is parsed and again at the start
+of each scheduler process. All SGLang-version-specific attachment points are named here; the
+hooks do nothing unless ``--kvcomm`` (or ``--radix-cache-backend kvcomm``) is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib.metadata import version
+
+from sglang_kvcomm.config import (
+    BACKEND_NAME,
+    ENV_VAR,
+    KVCommConfig,
+    KVCommConfigError,
+    add_cli_args,
+    config_from_cli_args,
+)
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SGLANG = "0.5.17"
+
+_ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+_FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_LAUNCH_HTTP_SERVER = "sglang.srt.entrypoints.http_server.launch_server"
+_GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
+
+
+def register() -> None:
+    from sglang.srt.mem_cache.registry import (
+        get_radix_cache_factory,
+        register_radix_cache_backend,
+    )
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    installed = version("sglang")
+    if installed != SUPPORTED_SGLANG:
+        logger.warning(
+            "sglang-kvcomm is built for sglang==%s, found %s", SUPPORTED_SGLANG, installed
+        )
+    if get_radix_cache_factory(BACKEND_NAME) is None:
+        register_radix_cache_backend(BACKEND_NAME, _build_tree_cache)
+    HookRegistry.register(_ADD_CLI_ARGS, _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(_FROM_CLI_ARGS, _before_from_cli_args, HookType.BEFORE)
+    HookRegistry.register(_LAUNCH_HTTP_SERVER, _before_launch_http_server, HookType.BEFORE)
+    HookRegistry.register(_GET_INTERNAL_STATE, _after_get_internal_state, HookType.AFTER)
+
+
+def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
+    add_cli_args(parser)
+
+
+def _before_from_cli_args(cls: type, args: argparse.Namespace) -> None:
+    """Validate ``--kvcomm*`` before ServerArgs is built (its fields freeze after __post_init__)."""
+    try:
+        config = config_from_cli_args(args)
+    except KVCommConfigError as exc:
+        print(f"sglang: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if config is None:
+        os.environ.pop(ENV_VAR, None)  # a stock server must not pick up a stale configuration
+    else:
+        os.environ[ENV_VAR] = config.to_json()  # spawned schedulers inherit it
+
+
+def _before_launch_http_server(server_args: object, *args: object, **kwargs: object) -> None:
+    if getattr(server_args, "radix_cache_backend", None) == BACKEND_NAME:
+        from sglang.srt.entrypoints.http_server import app
+
+        from sglang_kvcomm.http_routes import add_routes
+
+        add_routes(app)
+
+
+def _build_tree_cache(ctx: object) -> object:
+    from sglang_kvcomm.tree_cache import KVCommRadixCache
+
+    unsupported = [
+        name
+        for name, on in (
+            ("hybrid sliding-window attention", ctx.is_hybrid_swa),
+            ("hybrid state-space layers", ctx.is_hybrid_ssm),
+            ("--enable-hierarchical-cache", ctx.enable_hierarchical_cache),
+            ("--disable-radix-cache", ctx.disable_radix_cache),
+        )
+        if on
+    ]
+    if unsupported:
+        raise ValueError(f"the kvcomm cache backend does not support {', '.join(unsupported)}")
+    return KVCommRadixCache(ctx.params, KVCommConfig.from_env())
+
+
+def _after_get_internal_state(result: object, scheduler: object, *args: object) -> None:
+    """Add the cache's report to the scheduler's internal state (read by /kvcomm/stats)."""
+    report = getattr(scheduler.tree_cache, "kvcomm_report", None)
+    if report is not None:
+        result.internal_state["kvcomm"] = report()
