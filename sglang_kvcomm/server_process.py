@@ -7,6 +7,7 @@ detokenizer children. Every wait is bounded; a server that dies or never becomes
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import requests
 
+# --sleep-on-idle: an idle scheduler otherwise busy-polls a whole core, which starves a second
+# server (or the client) on a 2-core machine.
 CPU_ARGS = (
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--dtype", "float32",
     "--disable-cuda-graph",
+    "--sleep-on-idle",
 )  # fmt: skip
 
 
@@ -70,6 +74,7 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.progress = progress
         self.proc: subprocess.Popen | None = None
+        self._launched_at = 0.0
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -77,17 +82,28 @@ class ServerProcess:
         except OSError:
             return "(no log)"
 
-    def start(self) -> ServerProcess:
+    def launch(self) -> ServerProcess:
+        """Spawn the server without waiting (several servers can then start side by side)."""
         env = dict(os.environ)
         if self.cpu:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
             )
-        deadline = time.monotonic() + self.start_timeout_s
+        self._launched_at = time.monotonic()
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        """Block until /health answers 200; raise ServerStartError if it dies or times out."""
+        started = self._launched_at
+        deadline = started + self.start_timeout_s
         next_note = time.monotonic() + 10
-        started = time.monotonic()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail(f"server exited with code {self.proc.returncode} during start-up")
@@ -104,6 +120,9 @@ class ServerProcess:
             time.sleep(0.5)
         self._fail(f"server not healthy after {self.start_timeout_s:.0f}s")
         raise AssertionError("unreachable")
+
+    def start(self) -> ServerProcess:
+        return self.launch().wait_ready()
 
     def _fail(self, why: str) -> None:
         self.stop()
@@ -133,6 +152,13 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM the server if the process that started it dies, so a
+    killed test run or demo never leaves servers behind."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _group_alive(pgid: int) -> bool:

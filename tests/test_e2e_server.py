@@ -1,0 +1,129 @@
+"""End to end on real CPU servers with the real SmolLM2: a stock server and a --kvcomm server,
+started side by side on 127.0.0.1 and stopped by PID. At this stage the kvcomm backend must be
+indistinguishable from RadixCache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from sglang_kvcomm.server_process import ServerProcess, ServerStartError
+
+pytestmark = pytest.mark.e2e
+
+KVCOMM_ARGS = ["--kvcomm", "--kvcomm-threshold", "0.5", "--kvcomm-max-anchors", "8",
+               "--kvcomm-window", "3"]
+
+
+@pytest.fixture(scope="module")
+def servers(smollm2_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("server-logs")
+    stock = ServerProcess(smollm2_dir, [], log_path=logs / "stock.log")
+    kvcomm = ServerProcess(smollm2_dir, KVCOMM_ARGS, log_path=logs / "kvcomm.log")
+    try:
+        for server in (stock, kvcomm):
+            server.launch()
+        for server in (stock, kvcomm):
+            server.wait_ready()
+        yield {"stock": stock, "kvcomm": kvcomm}
+    finally:
+        for server in (stock, kvcomm):
+            server.stop()
+
+
+def _flush(*urls: str) -> None:
+    for url in urls:
+        assert requests.post(url + "/flush_cache", timeout=30).status_code == 200
+
+
+def _generate(url: str, **body) -> dict:
+    res = requests.post(url + "/generate", json=body, timeout=120)
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def test_stats_report_the_configuration_the_scheduler_received(servers):
+    stats = requests.get(servers["kvcomm"].url + "/kvcomm/stats", timeout=30).json()
+    assert stats["config"] == {"threshold": 0.5, "max_anchors": 8, "window": 3}
+    assert stats["requests"] == {"reuse": 0, "dense": 0, "off": 0}
+    assert stats["reuse_rate"] == 0.0
+    assert stats["tokens_estimated"] == 0 and stats["anchors"] == 0
+    info = requests.get(servers["kvcomm"].url + "/server_info", timeout=30).json()
+    assert info["radix_cache_backend"] == "kvcomm"
+    assert "KVCOMM tree cache: threshold(gamma)=0.5 max_anchors(V)=8 window(W)=3" in (
+        servers["kvcomm"].log_path.read_text())
+
+
+def test_stock_server_is_untouched(servers):
+    url = servers["stock"].url
+    assert requests.get(url + "/kvcomm/stats", timeout=30).status_code == 404
+    info = requests.get(url + "/server_info", timeout=30).json()
+    assert info["radix_cache_backend"] is None
+    assert all("kvcomm" not in state for state in info["internal_states"])
+    assert "KVCOMM tree cache" not in servers["stock"].log_path.read_text()
+
+
+def test_program_outputs_match_stock_server(servers):
+    from kvcomm_frontend import TimedEndpoint, fully_connected
+    from sglang_kvcomm.assets.datasets import gsm8k
+
+    _flush(servers["stock"].url, servers["kvcomm"].url)
+    outputs = {}
+    for name in ("stock", "kvcomm"):
+        backend = TimedEndpoint(servers[name].url)
+        outputs[name] = [
+            [(r["agent"], r["answer"], r["meta"]["prompt_tokens"], r["meta"]["completion_tokens"])
+             for r in fully_connected.run(question=p.question, max_tokens=32,
+                                          decision_max_tokens=12, backend=backend).ret_value]
+            for p in gsm8k(limit=2)
+        ]
+    assert outputs["kvcomm"] == outputs["stock"]
+    assert len(outputs["stock"]) == 2 and all(len(q) == 4 for q in outputs["stock"])
+    assert all(answer for q in outputs["stock"] for _, answer, _, _ in q)
+
+
+def test_logprobs_are_bit_identical(servers):
+    body = dict(text="Question: what is 12 times 7? Answer:", return_logprob=True,
+                logprob_start_len=0, sampling_params={"max_new_tokens": 16, "temperature": 0})
+    _flush(servers["stock"].url, servers["kvcomm"].url)
+    results = {name: [_generate(servers[name].url, **body) for _ in range(2)]  # cold, then cached
+               for name in ("stock", "kvcomm")}
+    for a, b in zip(results["stock"], results["kvcomm"]):
+        assert a["output_ids"] == b["output_ids"]
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            assert a["meta_info"][key] == b["meta_info"][key]
+
+
+def test_repeated_prefix_is_served_from_cache(servers):
+    ids = list(range(1000, 1100))
+    body = dict(input_ids=ids, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    _flush(servers["stock"].url, servers["kvcomm"].url)
+    cached = {}
+    for name in ("stock", "kvcomm"):
+        first = _generate(servers[name].url, **body)["meta_info"]
+        second = _generate(servers[name].url, **body)["meta_info"]
+        assert first["cached_tokens"] == 0
+        cached[name] = second["cached_tokens"]
+    assert cached["kvcomm"] > 0
+    assert cached["kvcomm"] == cached["stock"] == len(ids) - 1
+
+
+def test_bad_flag_stops_start_up_with_one_line(smollm2_dir, tmp_path):
+    t0 = time.monotonic()
+    server = ServerProcess(smollm2_dir, ["--kvcomm", "--kvcomm-window", "0"],
+                           log_path=tmp_path / "bad.log", start_timeout_s=120)
+    with pytest.raises(ServerStartError, match="exited with code 2") as info:
+        server.start()
+    assert "sglang: error: --kvcomm-window must be in [1, --kvcomm-max-anchors=20], got 0" in (
+        str(info.value))
+    assert time.monotonic() - t0 < 120
+
+
+def test_server_that_cannot_start_fails_with_its_log(tmp_path):
+    server = ServerProcess(tmp_path / "no-such-model", [], log_path=tmp_path / "srv.log",
+                           start_timeout_s=120)
+    with pytest.raises(ServerStartError, match="log tail"):
+        server.start()
+    assert server.proc is None  # stopped and reaped
