@@ -43,23 +43,36 @@ def main(argv: list[str] | None = None) -> int:
         for i, problem in enumerate(problems, 1):
             say(f"question {i}/{len(problems)}: {problem.question[:70]}...")
             t0 = time.perf_counter()
-            state = fully_connected.run(question=problem.question, max_tokens=args.max_tokens,
-                                        backend=backend)
-            say(f"question {i} done in {time.perf_counter() - t0:.1f}s (gold answer {problem.answer})")
+            state = fully_connected.run(
+                question=problem.question, max_tokens=args.max_tokens, backend=backend
+            )
+            elapsed = time.perf_counter() - t0
+            say(f"question {i} done in {elapsed:.1f}s (gold answer {problem.answer})")
             for record in state.ret_value:
                 meta = record["meta"]
                 answer = " ".join(record["answer"].split())
-                rows.append([i, record["agent"], meta["prompt_tokens"], meta["cached_tokens"],
-                             1000 * meta["client_ttft_s"], extract_number(answer) or "-",
-                             answer[:48] + ("..." if len(answer) > 48 else "")])
+                rows.append(
+                    [
+                        i,
+                        record["agent"],
+                        meta["prompt_tokens"],
+                        meta["cached_tokens"],
+                        1000 * meta["client_ttft_s"],
+                        extract_number(answer) or "-",
+                        answer[:48] + ("..." if len(answer) > 48 else ""),
+                    ]
+                )
         stats = requests.get(server.url + "/kvcomm/stats", timeout=10).json()
         say("stopping the server")
     print()
-    print(format_table(["q", "agent", "prompt tok", "cached tok", "TTFT ms", "answer", "text"],
-                       rows))
+    print(
+        format_table(["q", "agent", "prompt tok", "cached tok", "TTFT ms", "answer", "text"], rows)
+    )
     print()
-    print(f"KVCOMM stats: requests {stats['requests']}, reuse rate {stats['reuse_rate']:.2f}, "
-          f"config {stats['config']}")
+    print(
+        f"KVCOMM stats: requests {stats['requests']}, reuse rate {stats['reuse_rate']:.2f}, "
+        f"config {stats['config']}"
+    )
     say(f"done in {time.perf_counter() - started:.0f}s")
     return 0
 

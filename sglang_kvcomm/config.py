@@ -73,12 +73,24 @@ class _Flag:
 
 
 _FLAGS = (
-    _Flag("threshold", "--kvcomm-threshold", float, "Entropy gate gamma in [0, 1]: a shared segment is reused when the "
-          "entropy of its anchor-match distribution is at most gamma * log2(#anchors); lower "
-          "is stricter."),
-    _Flag("max_anchors", "--kvcomm-max-anchors", int, "Anchor pool capacity V per placeholder (>= 2)."),
-    _Flag("window", "--kvcomm-window", int, "Eviction window W (1 <= W <= V): when a pool is full, the least "
-          "activated of its W oldest anchors is dropped."),
+    _Flag(
+        "threshold",
+        "--kvcomm-threshold",
+        float,
+        "Entropy gate gamma in [0, 1]: a shared segment is reused when the "
+        "entropy of its anchor-match distribution is at most gamma * log2(#anchors); lower "
+        "is stricter.",
+    ),
+    _Flag(
+        "max_anchors", "--kvcomm-max-anchors", int, "Anchor pool capacity V per placeholder (>= 2)."
+    ),
+    _Flag(
+        "window",
+        "--kvcomm-window",
+        int,
+        "Eviction window W (1 <= W <= V): when a pool is full, the least "
+        "activated of its W oldest anchors is dropped.",
+    ),
 )
 
 # Server-args fields that pick a different cache, or no cache: --kvcomm cannot honour them.

@@ -110,7 +110,9 @@ class ServerProcess:
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     if self.progress:
-                        self.progress(f"server up on {self.url} in {time.monotonic() - started:.0f}s")
+                        self.progress(
+                            f"server up on {self.url} in {time.monotonic() - started:.0f}s"
+                        )
                     return self
             except requests.RequestException:
                 pass

@@ -32,8 +32,17 @@ def test_defaults_are_the_papers():
 
 
 def test_values_parse_and_select_the_backend():
-    args = _parse(["--kvcomm", "--kvcomm-threshold", "0.5", "--kvcomm-max-anchors", "8",
-                   "--kvcomm-window", "8"])
+    args = _parse(
+        [
+            "--kvcomm",
+            "--kvcomm-threshold",
+            "0.5",
+            "--kvcomm-max-anchors",
+            "8",
+            "--kvcomm-window",
+            "8",
+        ]
+    )
     config = config_from_cli_args(args)
     assert (config.threshold, config.max_anchors, config.window) == (0.5, 8, 8)
     assert args.radix_cache_backend == "kvcomm"
@@ -79,8 +88,9 @@ def test_env_round_trip():
     assert KVCommConfig.from_env({}) == KVCommConfig()
 
 
-@pytest.mark.parametrize("raw", ["not json", json.dumps({"gamma": 1}),
-                                 json.dumps({"threshold": 3})])
+@pytest.mark.parametrize(
+    "raw", ["not json", json.dumps({"gamma": 1}), json.dumps({"threshold": 3})]
+)
 def test_env_garbage_is_refused(raw):
     with pytest.raises(KVCommConfigError):
         KVCommConfig.from_env({ENV_VAR: raw})

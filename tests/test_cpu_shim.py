@@ -15,12 +15,19 @@ def _run(code: str, env_flag: str | None, extra_path: str | None = None):
         env["SGLANG_USE_CPU_ENGINE"] = env_flag
     if extra_path:
         env["PYTHONPATH"] = extra_path
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=60, env=env, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd="/",
+    )
 
 
 def test_active_with_cpu_engine_flag():
-    out = _run("""
+    out = _run(
+        """
         from torchvision.io import decode_jpeg
         import sgl_kernel, torchvision
         from sglang_kvcomm.cpu_shim import is_active
@@ -30,7 +37,9 @@ def test_active_with_cpu_engine_flag():
             decode_jpeg(b"")
         except RuntimeError as exc:
             print(exc)
-        """, env_flag="1")
+        """,
+        env_flag="1",
+    )
     assert out.returncode == 0, out.stderr
     assert "torchvision.io.decode_jpeg is not available" in out.stdout
     assert "SGLANG_USE_CPU_ENGINE=1" in out.stdout
@@ -38,11 +47,14 @@ def test_active_with_cpu_engine_flag():
 
 def test_inactive_without_flag():
     for flag in (None, "0"):
-        out = _run("""
+        out = _run(
+            """
             from sglang_kvcomm.cpu_shim import is_active
             assert not is_active()
             import torchvision
-            """, env_flag=flag)
+            """,
+            env_flag=flag,
+        )
         assert out.returncode != 0
         assert "No module named 'torchvision'" in out.stderr
 

@@ -13,8 +13,15 @@ from sglang_kvcomm.server_process import ServerProcess, ServerStartError
 
 pytestmark = pytest.mark.e2e
 
-KVCOMM_ARGS = ["--kvcomm", "--kvcomm-threshold", "0.5", "--kvcomm-max-anchors", "8",
-               "--kvcomm-window", "3"]
+KVCOMM_ARGS = [
+    "--kvcomm",
+    "--kvcomm-threshold",
+    "0.5",
+    "--kvcomm-max-anchors",
+    "8",
+    "--kvcomm-window",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,8 @@ def test_stats_report_the_configuration_the_scheduler_received(servers):
     info = requests.get(servers["kvcomm"].url + "/server_info", timeout=30).json()
     assert info["radix_cache_backend"] == "kvcomm"
     assert "KVCOMM tree cache: threshold(gamma)=0.5 max_anchors(V)=8 window(W)=3" in (
-        servers["kvcomm"].log_path.read_text())
+        servers["kvcomm"].log_path.read_text()
+    )
 
 
 def test_stock_server_is_untouched(servers):
@@ -74,9 +82,17 @@ def test_program_outputs_match_stock_server(servers):
     for name in ("stock", "kvcomm"):
         backend = TimedEndpoint(servers[name].url)
         outputs[name] = [
-            [(r["agent"], r["answer"], r["meta"]["prompt_tokens"], r["meta"]["completion_tokens"])
-             for r in fully_connected.run(question=p.question, max_tokens=32,
-                                          decision_max_tokens=12, backend=backend).ret_value]
+            [
+                (
+                    r["agent"],
+                    r["answer"],
+                    r["meta"]["prompt_tokens"],
+                    r["meta"]["completion_tokens"],
+                )
+                for r in fully_connected.run(
+                    question=p.question, max_tokens=32, decision_max_tokens=12, backend=backend
+                ).ret_value
+            ]
             for p in gsm8k(limit=2)
         ]
     assert outputs["kvcomm"] == outputs["stock"]
@@ -85,12 +101,18 @@ def test_program_outputs_match_stock_server(servers):
 
 
 def test_logprobs_are_bit_identical(servers):
-    body = dict(text="Question: what is 12 times 7? Answer:", return_logprob=True,
-                logprob_start_len=0, sampling_params={"max_new_tokens": 16, "temperature": 0})
+    body = dict(
+        text="Question: what is 12 times 7? Answer:",
+        return_logprob=True,
+        logprob_start_len=0,
+        sampling_params={"max_new_tokens": 16, "temperature": 0},
+    )
     _flush(servers["stock"].url, servers["kvcomm"].url)
-    results = {name: [_generate(servers[name].url, **body) for _ in range(2)]  # cold, then cached
-               for name in ("stock", "kvcomm")}
-    for a, b in zip(results["stock"], results["kvcomm"]):
+    results = {
+        name: [_generate(servers[name].url, **body) for _ in range(2)]  # cold, then cached
+        for name in ("stock", "kvcomm")
+    }
+    for a, b in zip(results["stock"], results["kvcomm"], strict=True):
         assert a["output_ids"] == b["output_ids"]
         for key in ("input_token_logprobs", "output_token_logprobs"):
             assert a["meta_info"][key] == b["meta_info"][key]
@@ -112,18 +134,24 @@ def test_repeated_prefix_is_served_from_cache(servers):
 
 def test_bad_flag_stops_start_up_with_one_line(smollm2_dir, tmp_path):
     t0 = time.monotonic()
-    server = ServerProcess(smollm2_dir, ["--kvcomm", "--kvcomm-window", "0"],
-                           log_path=tmp_path / "bad.log", start_timeout_s=120)
+    server = ServerProcess(
+        smollm2_dir,
+        ["--kvcomm", "--kvcomm-window", "0"],
+        log_path=tmp_path / "bad.log",
+        start_timeout_s=120,
+    )
     with pytest.raises(ServerStartError, match="exited with code 2") as info:
         server.start()
     assert "sglang: error: --kvcomm-window must be in [1, --kvcomm-max-anchors=20], got 0" in (
-        str(info.value))
+        str(info.value)
+    )
     assert time.monotonic() - t0 < 120
 
 
 def test_server_that_cannot_start_fails_with_its_log(tmp_path):
-    server = ServerProcess(tmp_path / "no-such-model", [], log_path=tmp_path / "srv.log",
-                           start_timeout_s=120)
+    server = ServerProcess(
+        tmp_path / "no-such-model", [], log_path=tmp_path / "srv.log", start_timeout_s=120
+    )
     with pytest.raises(ServerStartError, match="log tail"):
         server.start()
     assert server.proc is None  # stopped and reaped

@@ -33,9 +33,14 @@ ServerArgs.add_cli_args(parser)
 options = {o for a in parser._actions for o in a.option_strings}
 print(sorted(o for o in options if o.startswith("--kvcomm")))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, SGLANG_USE_CPU_ENGINE="1"))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, SGLANG_USE_CPU_ENGINE="1"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == str(
-        ["--kvcomm", "--kvcomm-max-anchors", "--kvcomm-threshold", "--kvcomm-window"])
-
+        ["--kvcomm", "--kvcomm-max-anchors", "--kvcomm-threshold", "--kvcomm-window"]
+    )

@@ -3,7 +3,7 @@
 Import name ``kvcomm_frontend`` (the folder is ``frontend/``; ``frontend`` is taken on PyPI).
 """
 
-from kvcomm_frontend.agents import AgentRole, MATH_ROLES, MATH_DECISION, fully_connected
+from kvcomm_frontend.agents import MATH_DECISION, MATH_ROLES, AgentRole, fully_connected
 from kvcomm_frontend.endpoint import TimedEndpoint
 
 __all__ = ["AgentRole", "MATH_DECISION", "MATH_ROLES", "TimedEndpoint", "fully_connected"]

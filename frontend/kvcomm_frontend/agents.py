@@ -67,7 +67,7 @@ def fully_connected(
     agents = s.fork(len(roles))
     answers: list[tuple[str, str]] = []
     records = []
-    for agent, role in zip(agents, roles):
+    for agent, role in zip(agents, roles, strict=True):
         agent += sgl.system(role.system_prompt)
         agent += sgl.user(agent_message(question, answers))
         agent += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))

@@ -26,12 +26,13 @@ class TimedEndpoint(RuntimeEndpoint):
         started = time.perf_counter()
         ttft = None
         pieces: list[str] = []
-        meta_info: dict = {}
-        for chunk, meta_info in self.generate_stream(s, sampling_params):
+        last_meta: dict = {}
+        for chunk, meta in self.generate_stream(s, sampling_params):
             if ttft is None:
                 ttft = time.perf_counter() - started
             pieces.append(chunk)
-        meta_info = dict(meta_info)
+            last_meta = meta
+        meta_info = dict(last_meta)
         meta_info["client_ttft_s"] = ttft
         meta_info["client_latency_s"] = time.perf_counter() - started
         return "".join(pieces), meta_info
