@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +17,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     cpu_shim.install()
 
+# The benchmark scripts' modules (hf_kv, fidelity, report) are tested too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
     from sglang_kvcomm.assets.models import model_dir
 
     return model_dir("smollm2")
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    """Real models loaded with transformers (fp32), keyed like sglang_kvcomm.assets.models."""
+    from hf_kv import HFModel
+
+    from sglang_kvcomm.assets.models import model_dir
+
+    loaded = {}
+
+    def get(key: str) -> HFModel:
+        if key not in loaded:
+            loaded[key] = HFModel(model_dir(key))
+        return loaded[key]
+
+    return get

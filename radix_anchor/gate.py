@@ -1,0 +1,77 @@
+"""The entropy gate: is a new content close enough to the pool's anchors to reuse?
+
+Over the N anchors that cover the content (at least as long), s = softmax_n(-||V - V_n[:T]||_F /
+tau) and H = -sum s log2 s. The content is shareable when N >= ``min_anchors`` (2: with fewer the
+distribution says nothing) and H <= gamma * log2 N. A peaked distribution (one anchor clearly
+closest) has low entropy; a flat one means no anchor stands out. When shareable, the anchors in
+the top-p (0.9) mass of s gain one activation each, which protects them from eviction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from radix_anchor.anchor_pool import Anchor
+
+
+@dataclass
+class GateDecision:
+    shareable: bool
+    reason: str  # why not shareable ("" when shareable)
+    entropy_bits: float = float("nan")
+    limit_bits: float = float("nan")
+    anchors: list[Anchor] = field(default_factory=list)  # the compatible anchors, pool order
+    probs: torch.Tensor | None = None  # s over ``anchors``
+    activated: list[Anchor] = field(default_factory=list)  # top-p mass of s
+
+
+def decide(
+    values: torch.Tensor,
+    anchors: Sequence[Anchor],
+    gamma: float,
+    *,
+    tau: float = 1.0,
+    top_p: float = 0.9,
+    min_anchors: int = 2,
+) -> GateDecision:
+    """``values``: the content's base V ``[L, T, H, D]``; ``anchors``: the pool's anchors.
+
+    Pure: activation counts are bumped by ``activate``."""
+    length = values.shape[1]
+    compatible = [a for a in anchors if a.length >= length]
+    if len(compatible) < min_anchors:
+        reason = f"warm-up: {len(compatible)} anchor(s) cover {length} tokens, need {min_anchors}"
+        return GateDecision(False, reason, anchors=compatible)
+    v = values.float()
+    dist = torch.stack(
+        [torch.linalg.vector_norm(v - a.base.v[:, :length].float()) for a in compatible]
+    )
+    probs = torch.softmax(-dist / tau, dim=0)
+    entropy = float(-(probs * torch.log2(probs.clamp_min(1e-45))).sum())
+    limit = gamma * math.log2(len(compatible))
+    if entropy > limit:
+        return GateDecision(False, "entropy", entropy, limit, compatible, probs)
+    return GateDecision(
+        True, "", entropy, limit, compatible, probs, _top_p(compatible, probs, top_p)
+    )
+
+
+def _top_p(anchors: list[Anchor], probs: torch.Tensor, top_p: float) -> list[Anchor]:
+    """The fewest most probable anchors whose mass reaches ``top_p`` (ties: pool order)."""
+    order = sorted(range(len(anchors)), key=lambda i: (-float(probs[i]), i))
+    chosen, mass = [], 0.0
+    for i in order:
+        chosen.append(anchors[i])
+        mass += float(probs[i])
+        if mass >= top_p:
+            break
+    return chosen
+
+
+def activate(decision: GateDecision) -> None:
+    for anchor in decision.activated:
+        anchor.activations += 1
