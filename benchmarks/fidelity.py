@@ -1,7 +1,8 @@
 """Fidelity harness: how close is KVCOMM's estimated KV to a dense prefill, on real models?
 
 M agent templates (distinct system prompts and roles) read a stream of shared contents (GSM8K
-questions, and answers the model itself generates). Each agent's pool learns online, as the
+questions right after the agent's prefix, and answers the model itself generates, shown after
+their question so that their position varies). Pools, one per (agent, slot), learn online as the
 server would: a call whose content the gate does not find shareable is prefilled densely and
 becomes an anchor. For every (agent, content) pair whose pool has at least two covering anchors,
 the prompt's KV after the agent prefix is estimated with each variant and compared with a dense
@@ -41,12 +42,17 @@ ROLES = (
     "You are a skeptical reviewer who looks for the weakest step in an argument.",
 )
 NEUTRAL = "<|im_start|>user\n"  # the short context a shared content's base KV is computed behind
+BEFORE_ANSWER = "\n\nAnother agent answered:\n"  # between a question and an agent's answer
 SUFFIX = "\n\nWhat is the answer? Reply briefly.<|im_end|>\n<|im_start|>assistant\n"
 
 VARIANTS = {
     "naive reuse (no rotation)": None,  # base and template KV as computed, wrong positions
     "rotation only": EstimateOptions(placeholder_offset=False, following_offset=False),
     "rotation + placeholder offset": EstimateOptions(following_offset=False),
+    # diagnostic: the same offsets blended with equal weights (tau -> infinity)
+    "rotation + placeholder offset, uniform weights": EstimateOptions(
+        following_offset=False, tau=1e12
+    ),
     "rotation + following offset": EstimateOptions(placeholder_offset=False),
     "full (ours)": EstimateOptions(),
     "full (authors' code)": EstimateOptions(authors_code=True),
@@ -56,10 +62,11 @@ FULL = "full (ours)"
 
 @dataclass
 class Content:
-    kind: str  # "question" | "response"
+    kind: str  # "question" | "response": also the slot, so each has its own pools
     ids: list[int]
     base: KV  # position-0 frame
     base_at: int  # position of its first token where the base KV was computed (naive reuse)
+    context: list[int] = field(default_factory=list)  # exact tokens between prefix and content
 
 
 @dataclass
@@ -92,6 +99,7 @@ class Harness:
         self.decode = decode
         self.suffix = model.encode(SUFFIX)
         self.neutral = model.encode(NEUTRAL)
+        self.before_answer = model.encode(BEFORE_ANSWER)
         self.agents = [self._agent(f"agent{i}", role) for i, role in enumerate(ROLES[:agents])]
         self._refs: dict[tuple[int, int], Reference] = {}
 
@@ -115,13 +123,14 @@ class Harness:
         eos = self.m.tokenizer.convert_tokens_to_ids("<|im_end|>")
         ids = tokens[: tokens.index(eos)] if eos in tokens else tokens
         kv = self.m.prefill(prompt + ids).kv.tokens(slice(len(prompt), None))
-        return Content("response", ids, KV(rotate(kv.k, -len(prompt), self.m.rope), kv.v),
-                       len(prompt))  # fmt: skip
+        base = KV(rotate(kv.k, -len(prompt), self.m.rope), kv.v)
+        # other agents read it after the question: its position varies with the question's length
+        return Content("response", ids, base, len(prompt), question.ids + self.before_answer)
 
     def reference(self, a: int, c: int, content: Content) -> Reference:
         key = (a, c)
         if key not in self._refs:
-            prompt = self.agents[a].prefix_ids + content.ids + self.suffix
+            prompt = self.agents[a].prefix_ids + content.context + content.ids + self.suffix
             dense = self.m.prefill(prompt)
             past = dense.kv.tokens(slice(0, len(prompt) - 1))
             logprobs, greedy = self.m.greedy(past, prompt[-1], self.decode)
@@ -129,7 +138,7 @@ class Harness:
         return self._refs[key]
 
     def anchor(self, agent: Agent, content: Content, ref: Reference) -> Anchor:
-        start = len(agent.prefix_ids)
+        start = self.start(agent, content)
         end = start + len(content.ids)
         return Anchor.from_dense(content.base, ref.kv.tokens(slice(start, end)),
                                  ref.kv.tokens(slice(end, None)), tuple(self.suffix), start,
@@ -138,7 +147,7 @@ class Harness:
     def stitch(self, variant: str, agent: Agent, content: Content, anchors: list[Anchor],
                ref: Reference) -> KV:  # fmt: skip
         """The KV of the prompt minus its last token: exact prefix + estimated rest."""
-        start = len(agent.prefix_ids)
+        start = self.start(agent, content)
         options = VARIANTS[variant]
         if options is None:  # reuse the stored KV where it was computed
             content_kv = KV(rotate(content.base.k, content.base_at, self.m.rope), content.base.v)
@@ -149,6 +158,11 @@ class Harness:
             content_kv, following = est.content, est.following
         prefix = ref.kv.tokens(slice(0, start))
         return concat(prefix, content_kv, following.tokens(slice(0, len(self.suffix) - 1)))
+
+    @staticmethod
+    def start(agent: Agent, content: Content) -> int:
+        """Position of the content's first token in the agent's prompt."""
+        return len(agent.prefix_ids) + len(content.context)
 
     def score(self, stitched: KV, ref: Reference, start: int) -> Scores:
         span = slice(start, stitched.num_tokens)
@@ -180,12 +194,12 @@ def run_variants(h: Harness, stream: list[Content], gamma: float) -> dict[str, l
     for c, content in enumerate(stream):
         for a, agent in enumerate(h.agents):
             ref = h.reference(a, c, content)
-            pool = store.pool((agent.name, 0))
+            pool = store.pool((agent.name, content.kind))
             decision = decide(content.base.v, list(pool), gamma)
             if len(pool.compatible(len(content.ids))) >= 2:
                 for variant in VARIANTS:
                     stitched = h.stitch(variant, agent, content, list(pool), ref)
-                    scores[variant].append(h.score(stitched, ref, len(agent.prefix_ids)))
+                    scores[variant].append(h.score(stitched, ref, h.start(agent, content)))
             if decision.shareable:
                 activate(decision)
             else:
@@ -202,12 +216,12 @@ def run_gamma(h: Harness, stream: list[Content], gamma: float) -> dict:
         for a, agent in enumerate(h.agents):
             calls += 1
             ref = h.reference(a, c, content)
-            pool = store.pool((agent.name, 0))
+            pool = store.pool((agent.name, content.kind))
             decision = decide(content.base.v, list(pool), gamma)
             if decision.shareable:
                 activate(decision)
                 stitched = h.stitch(FULL, agent, content, list(pool), ref)
-                reused.append(h.score(stitched, ref, len(agent.prefix_ids)))
+                reused.append(h.score(stitched, ref, h.start(agent, content)))
             else:
                 pool.add(h.anchor(agent, content, ref))
     return {"gamma": gamma, "calls": calls, "reused": len(reused),

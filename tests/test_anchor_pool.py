@@ -126,3 +126,16 @@ def test_from_dense_stores_the_position_zero_frame():
     torch.testing.assert_close(anchor.ph_offset.v, true_offset.v)
     torch.testing.assert_close(anchor.following.k, following0.k)
     assert anchor.position == position and anchor.length == 5
+
+
+def test_core_does_not_import_sglang():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, radix_anchor.estimate, radix_anchor.gate, radix_anchor.anchor_pool; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
