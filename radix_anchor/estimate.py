@@ -84,7 +84,7 @@ def estimate(
         )
         follow_k = blend(wk, [a.following.k for a in with_following])
         follow_v = blend(wv, [a.following.v for a in with_following])
-        exact0 = following_base or with_following[0].following
+        exact0 = following_base if following_base is not None else with_following[0].following
         follow_k[0], follow_v[0] = exact0.k[0], exact0.v[0]
     elif following_base is not None:
         follow_k, follow_v = following_base.k.float(), following_base.v.float()

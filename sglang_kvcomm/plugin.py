@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 from sglang_kvcomm.config import (
     BACKEND_NAME,
@@ -21,6 +22,13 @@ from sglang_kvcomm.config import (
     add_cli_args,
     config_from_cli_args,
 )
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.io_struct import GetInternalStateReqOutput
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+    from sglang_kvcomm.tree_cache import KVCommRadixCache
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +86,7 @@ def _before_launch_http_server(server_args: object, *args: object, **kwargs: obj
         add_routes(app)
 
 
-def _build_tree_cache(ctx: object) -> object:
+def _build_tree_cache(ctx: TreeCacheBuildContext) -> KVCommRadixCache:
     from sglang_kvcomm.tree_cache import KVCommRadixCache
 
     unsupported = [
@@ -96,7 +104,9 @@ def _build_tree_cache(ctx: object) -> object:
     return KVCommRadixCache(ctx.params, KVCommConfig.from_env())
 
 
-def _after_get_internal_state(result: object, scheduler: object, *args: object) -> None:
+def _after_get_internal_state(
+    result: GetInternalStateReqOutput, scheduler: Scheduler, *args: object
+) -> None:
     """Add the cache's report to the scheduler's internal state (read by /kvcomm/stats)."""
     report = getattr(scheduler.tree_cache, "kvcomm_report", None)
     if report is not None:

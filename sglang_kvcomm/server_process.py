@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import requests
 
@@ -121,12 +122,11 @@ class ServerProcess:
                 next_note += 10
             time.sleep(0.5)
         self._fail(f"server not healthy after {self.start_timeout_s:.0f}s")
-        raise AssertionError("unreachable")
 
     def start(self) -> ServerProcess:
         return self.launch().wait_ready()
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str) -> NoReturn:
         self.stop()
         raise ServerStartError(f"{why}; `{' '.join(self.args)}`; log tail:\n{self.log_tail()}")
 
