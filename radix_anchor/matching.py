@@ -14,7 +14,7 @@ softmax over anchors of minus the distance over a temperature, in float32:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,29 +23,37 @@ def placeholder_weights(
     query: torch.Tensor, anchors: Sequence[torch.Tensor], tau: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
     """query ``[L, T, H, D]``, anchors ``[L, >=T, H, D]`` each -> weights ``[N, T]``."""
-    _require(anchors)
-    length = query.shape[1]
-    q = query.float()
-    dist = torch.stack([(q - a[:, :length].float()).abs().mean(dim=(0, 2, 3)) for a in anchors])
-    return _softmax_over_anchors(-dist / tau, top_k)
+
+    def distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return (q - a[:, : q.shape[1]]).abs().mean(dim=(0, 2, 3))
+
+    return _weights(query, anchors, distance, tau, top_k)
 
 
 def following_weights(
     query: torch.Tensor, anchors: Sequence[torch.Tensor], tau: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
     """query ``[L, T, H, D]``, anchors ``[L, >=T, H, D]`` each -> weights ``[N, L, H, D]``."""
-    _require(anchors)
-    length = query.shape[1]
-    q = query.float()
-    dist = torch.stack(
-        [torch.linalg.vector_norm(q - a[:, a.shape[1] - length :].float(), dim=1) for a in anchors]
-    )
-    return _softmax_over_anchors(-dist / tau, top_k)
+
+    def distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(q - a[:, a.shape[1] - q.shape[1] :], dim=1)
+
+    return _weights(query, anchors, distance, tau, top_k)
 
 
-def _require(anchors: Sequence[torch.Tensor]) -> None:
+def _weights(
+    query: torch.Tensor,
+    anchors: Sequence[torch.Tensor],
+    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tau: float,
+    top_k: int | None,
+) -> torch.Tensor:
+    """softmax over anchors of -distance / tau, distances in float32."""
     if not anchors:
         raise ValueError("no anchors to weight")
+    q = query.float()
+    dist = torch.stack([distance(q, a.float()) for a in anchors])
+    return _softmax_over_anchors(-dist / tau, top_k)
 
 
 def _softmax_over_anchors(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
