@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from importlib.metadata import version
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,12 @@ from sglang_kvcomm.config import (
     add_cli_args,
     config_from_cli_args,
 )
+from sglang_kvcomm.protocol import from_custom_params
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import GetInternalStateReqOutput
     from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
     from sglang_kvcomm.tree_cache import KVCommRadixCache
@@ -38,6 +41,7 @@ _ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _LAUNCH_HTTP_SERVER = "sglang.srt.entrypoints.http_server.launch_server"
 _GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
+_VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 
 
 def register() -> None:
@@ -58,6 +62,7 @@ def register() -> None:
     HookRegistry.register(_FROM_CLI_ARGS, _before_from_cli_args, HookType.BEFORE)
     HookRegistry.register(_LAUNCH_HTTP_SERVER, _before_launch_http_server, HookType.BEFORE)
     HookRegistry.register(_GET_INTERNAL_STATE, _after_get_internal_state, HookType.AFTER)
+    HookRegistry.register(_VALIDATE_REQUEST, _before_validate_request, HookType.BEFORE)
 
 
 def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
@@ -84,6 +89,21 @@ def _before_launch_http_server(server_args: object, *args: object, **kwargs: obj
         from sglang_kvcomm.http_routes import add_routes
 
         add_routes(app)
+
+
+def _before_validate_request(
+    manager: TokenizerManager, obj: object, input_ids: list[int] | None, *args: object
+) -> None:
+    """Refuse malformed kvcomm metadata before it reaches the scheduler: the ProtocolError (a
+    ValueError) becomes a 400 with its message, and the server keeps serving."""
+    if getattr(manager.server_args, "radix_cache_backend", None) != BACKEND_NAME:
+        return
+    sampling = getattr(obj, "sampling_params", None)
+    if isinstance(sampling, Mapping):
+        sent_ids = getattr(obj, "input_ids", None)
+        from_custom_params(
+            sampling.get("custom_params"), None if sent_ids is None else len(sent_ids)
+        )
 
 
 def _build_tree_cache(ctx: TreeCacheBuildContext) -> KVCommRadixCache:

@@ -2,16 +2,19 @@
 
 A request marks the token spans of its shared content (a question, a passage, another agent's
 answer) so the server can reuse their KV across prompts. On sglang 0.5.17 the metadata travels
-in ``sampling_params.custom_params["kvcomm"]`` of a ``/generate`` request with ``input_ids``::
+as flat keys of ``sampling_params.custom_params`` (whose values may only be scalars, lists of
+scalars or flat objects) in a ``/generate`` request with ``input_ids``::
 
-    {"mode": "approx",                       # approx (default) | exact | off
-     "agent": "solver",                      # optional, for metrics
-     "segments": [{"start": 12, "end": 80,   # [start, end) in input_ids, in order, disjoint
-                   "id": "question-17"}]}    # optional content id (default: the tokens)
+    "custom_params": {
+        "kvcomm_mode": "approx",              # approx (default) | exact | off
+        "kvcomm_agent": "solver",             # optional, for metrics
+        "kvcomm_spans": [12, 80, 95, 140],    # [start, end) pairs into input_ids, ordered
+        "kvcomm_ids": ["question-17", "a2"],  # optional content id per span (default: its tokens)
+    }
 
-``approx`` allows estimated KV for the segments; ``exact`` uses only exact prefix reuse;
-``off`` disables the extension for the request. Malformed metadata raises ``ProtocolError``
-with a message meant for the client (the server answers 400).
+``approx`` allows estimated KV for the spans; ``exact`` uses only exact prefix reuse; ``off``
+disables the extension for the request. Malformed metadata raises ``ProtocolError`` with a
+message meant for the client (the server answers 400).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from typing import Any, Literal
 
 Mode = Literal["approx", "exact", "off"]
 MODES: tuple[Mode, ...] = ("approx", "exact", "off")
-CUSTOM_PARAMS_KEY = "kvcomm"
-_KEYS = {"mode", "agent", "segments"}
-_SEGMENT_KEYS = {"start", "end", "id"}
+PREFIX = "kvcomm_"
+MODE, AGENT, SPANS, IDS = (PREFIX + k for k in ("mode", "agent", "spans", "ids"))
+_KEYS = (MODE, AGENT, SPANS, IDS)
 _MAX_NAME = 256
 
 
@@ -59,57 +62,57 @@ def from_custom_params(custom_params: Any, num_input_ids: int | None) -> KVCommR
         return None
     if not isinstance(custom_params, Mapping):
         raise ProtocolError("sampling_params.custom_params must be an object")
-    if CUSTOM_PARAMS_KEY not in custom_params:
+    present = {k: v for k, v in custom_params.items() if str(k).startswith(PREFIX)}
+    if not present:
         return None
-    return parse(custom_params[CUSTOM_PARAMS_KEY], num_input_ids)
-
-
-def parse(meta: Any, num_input_ids: int | None) -> KVCommRequest:
-    where = f"custom_params.{CUSTOM_PARAMS_KEY}"
-    if not isinstance(meta, Mapping):
-        raise ProtocolError(f"{where} must be an object, got {type(meta).__name__}")
-    unknown = set(meta) - _KEYS
+    unknown = sorted(set(present) - set(_KEYS))
     if unknown:
-        raise ProtocolError(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
-    mode = meta.get("mode", "approx")
+        raise ProtocolError(f"custom_params has unknown keys {unknown}; known: {list(_KEYS)}")
+    mode = present.get(MODE, "approx")
     if mode not in MODES:
-        raise ProtocolError(f"{where}.mode must be one of {list(MODES)}, got {mode!r}")
-    agent = meta.get("agent")
-    if agent is not None and (not isinstance(agent, str) or len(agent) > _MAX_NAME):
-        raise ProtocolError(f"{where}.agent must be a string of at most {_MAX_NAME} characters")
-    raw_segments = meta.get("segments", [])
-    if not isinstance(raw_segments, list):
-        raise ProtocolError(f"{where}.segments must be a list")
-    if raw_segments and num_input_ids is None:
-        raise ProtocolError(f"{where}.segments index input_ids: send input_ids, not text")
-    segments = tuple(
-        _segment(raw, f"{where}.segments[{i}]", num_input_ids) for i, raw in enumerate(raw_segments)
-    )
-    for i in range(1, len(segments)):
-        if segments[i].start < segments[i - 1].end:
-            raise ProtocolError(
-                f"{where}.segments[{i}] starts at {segments[i].start}, before the end of "
-                f"segments[{i - 1}] ({segments[i - 1].end}): segments must be in order and disjoint"
-            )
+        raise ProtocolError(f"custom_params.{MODE} must be one of {list(MODES)}, got {mode!r}")
+    agent = present.get(AGENT)
+    if agent is not None and not _is_name(agent):
+        raise ProtocolError(f"custom_params.{AGENT} must be a string of at most {_MAX_NAME} chars")
+    segments = _segments(present.get(SPANS, []), present.get(IDS), num_input_ids)
     return KVCommRequest(mode=mode, agent=agent, segments=segments)
 
 
-def _segment(raw: Any, where: str, num_input_ids: int | None) -> SharedSegment:
-    if not isinstance(raw, Mapping):
-        raise ProtocolError(f"{where} must be an object with start and end")
-    unknown = set(raw) - _SEGMENT_KEYS
-    if unknown:
-        raise ProtocolError(f"{where} has unknown keys {sorted(unknown)}")
-    for key in ("start", "end"):
-        value = raw.get(key)
+def _segments(spans: Any, ids: Any, num_input_ids: int | None) -> tuple[SharedSegment, ...]:
+    where = f"custom_params.{SPANS}"
+    if not isinstance(spans, list) or len(spans) % 2:
+        raise ProtocolError(f"{where} must be a flat list of start, end pairs")
+    for i, value in enumerate(spans):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ProtocolError(f"{where}.{key} must be an integer, got {value!r}")
-    start, end = raw["start"], raw["end"]
-    if not 0 <= start < end:
-        raise ProtocolError(f"{where} must satisfy 0 <= start < end, got [{start}, {end})")
-    if num_input_ids is not None and end > num_input_ids:
-        raise ProtocolError(f"{where} ends at {end}, past the {num_input_ids} input_ids")
-    content_id = raw.get("id")
-    if content_id is not None and (not isinstance(content_id, str) or len(content_id) > _MAX_NAME):
-        raise ProtocolError(f"{where}.id must be a string of at most {_MAX_NAME} characters")
-    return SharedSegment(start, end, content_id)
+            raise ProtocolError(f"{where}[{i}] must be an integer, got {value!r}")
+    if spans and num_input_ids is None:
+        raise ProtocolError(f"{where} index input_ids: send input_ids, not text")
+    pairs = list(zip(spans[0::2], spans[1::2], strict=True))
+    if ids is not None and (
+        not isinstance(ids, list) or len(ids) != len(pairs) or not all(map(_is_name, ids))
+    ):
+        raise ProtocolError(
+            f"custom_params.{IDS} must be a list of {len(pairs)} strings (one per span)"
+        )
+    segments = []
+    for n, (start, end) in enumerate(pairs):
+        if not 0 <= start < end:
+            raise ProtocolError(
+                f"{where}: span {n} must satisfy 0 <= start < end, got [{start}, {end})"
+            )
+        if num_input_ids is not None and end > num_input_ids:
+            raise ProtocolError(
+                f"{where}: span {n} ends at {end}, past the {num_input_ids} input_ids"
+            )
+        if segments and start < segments[-1].end:
+            raise ProtocolError(
+                f"{where}: span {n} starts at {start}, before the end of span "
+                f"{n - 1} ({segments[-1].end}): spans must be in order and "
+                "disjoint"
+            )
+        segments.append(SharedSegment(start, end, ids[n] if ids is not None else None))
+    return tuple(segments)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= _MAX_NAME

@@ -155,3 +155,47 @@ def test_server_that_cannot_start_fails_with_its_log(tmp_path):
     with pytest.raises(ServerStartError, match="log tail"):
         server.start()
     assert server.proc is None  # stopped and reaped
+
+
+MALFORMED = [
+    ({"kvcomm_spans": [2, 500]}, "span 0 ends at 500, past the 20 input_ids"),
+    ({"kvcomm_spans": [0, 8, 4, 12]}, "in order and disjoint"),
+    ({"kvcomm_spans": [9, 3]}, "0 <= start < end"),
+    ({"kvcomm_spans": [1.5, 3]}, "must be an integer"),
+    ({"kvcomm_mode": "fast"}, "kvcomm_mode must be one of"),
+]
+
+
+@pytest.mark.parametrize(("custom", "message"), MALFORMED)
+def test_malformed_metadata_gets_a_400_and_the_server_keeps_serving(servers, custom, message):
+    body = dict(
+        input_ids=list(range(100, 120)),
+        sampling_params={"max_new_tokens": 2, "temperature": 0, "custom_params": custom},
+    )
+    res = requests.post(servers["kvcomm"].url + "/generate", json=body, timeout=60)
+    assert res.status_code == 400, res.text
+    assert message in res.json()["error"]["message"]
+    ok = requests.post(
+        servers["kvcomm"].url + "/generate",
+        timeout=60,
+        json=dict(input_ids=list(range(100, 120)), sampling_params={"max_new_tokens": 2}),
+    )
+    assert ok.status_code == 200
+
+
+def test_spans_on_a_text_request_get_a_400(servers):
+    body = dict(
+        text="Hello there",
+        sampling_params={"max_new_tokens": 2, "custom_params": {"kvcomm_spans": [0, 1]}},
+    )
+    res = requests.post(servers["kvcomm"].url + "/generate", json=body, timeout=60)
+    assert res.status_code == 400
+    assert "send input_ids, not text" in res.json()["error"]["message"]
+
+
+def test_stock_server_ignores_kvcomm_metadata(servers):
+    body = dict(
+        input_ids=list(range(100, 120)),
+        sampling_params={"max_new_tokens": 2, "custom_params": {"kvcomm_spans": [2, 500]}},
+    )
+    assert requests.post(servers["stock"].url + "/generate", json=body, timeout=60).ok

@@ -13,10 +13,6 @@ from sglang_kvcomm.protocol import (
 )
 
 
-def _meta(**kvcomm):
-    return {"kvcomm": kvcomm}
-
-
 def test_plain_requests_have_no_metadata():
     assert from_custom_params(None, 10) is None
     assert from_custom_params({"other": 1}, 10) is None
@@ -24,55 +20,50 @@ def test_plain_requests_have_no_metadata():
 
 def test_valid_metadata():
     got = from_custom_params(
-        _meta(
-            mode="approx",
-            agent="solver",
-            segments=[{"start": 2, "end": 5, "id": "q1"}, {"start": 5, "end": 9}],
-        ),
+        {
+            "kvcomm_mode": "approx",
+            "kvcomm_agent": "solver",
+            "kvcomm_spans": [2, 5, 5, 9],
+            "kvcomm_ids": ["q1", "a1"],
+            "unrelated": 3,
+        },
         10,
     )
     assert got == KVCommRequest(
-        "approx", "solver", (SharedSegment(2, 5, "q1"), SharedSegment(5, 9, None))
+        "approx", "solver", (SharedSegment(2, 5, "q1"), SharedSegment(5, 9, "a1"))
     )
     assert got.segments[0].length == 3
-    assert from_custom_params(_meta(), None) == KVCommRequest()  # defaults; text is fine
-    assert from_custom_params(_meta(mode="exact"), None).mode == "exact"
+    assert from_custom_params({"kvcomm_spans": [0, 1]}, 1).segments == (SharedSegment(0, 1),)
+    assert from_custom_params({"kvcomm_mode": "exact"}, None) == KVCommRequest("exact")
 
 
 @pytest.mark.parametrize(
-    ("kvcomm", "num_ids", "message"),
+    ("params", "num_ids", "message"),
     [
-        ({"segments": [{"start": 2, "end": 12}]}, 10, r"segments\[0\] ends at 12, past the 10"),
-        ({"segments": [{"start": -1, "end": 3}]}, 10, r"0 <= start < end"),
-        (
-            {"segments": [{"start": 0, "end": 4}, {"start": 3, "end": 6}]},
-            10,
-            r"segments\[1\] starts at 3.*in order and disjoint",
-        ),
-        ({"segments": [{"start": 5, "end": 8}, {"start": 0, "end": 2}]}, 10, "in order"),
-        ({"segments": [{"start": 6, "end": 2}]}, 10, r"start < end, got \[6, 2\)"),
-        ({"segments": [{"start": 3, "end": 3}]}, 10, "start < end"),
-        ({"segments": [{"start": 1.0, "end": 3}]}, 10, r"start must be an integer, got 1\.0"),
-        ({"segments": [{"start": "1", "end": 3}]}, 10, "start must be an integer"),
-        ({"segments": [{"start": True, "end": 3}]}, 10, "start must be an integer"),
-        ({"segments": [{"start": 1}]}, 10, "end must be an integer, got None"),
-        ({"segments": [[1, 3]]}, 10, "must be an object"),
-        ({"segments": {"start": 1, "end": 3}}, 10, "segments must be a list"),
-        ({"segments": [{"start": 1, "end": 3, "len": 2}]}, 10, r"unknown keys \['len'\]"),
-        ({"mode": "fast"}, 10, r"mode must be one of \['approx', 'exact', 'off'\], got 'fast'"),
-        ({"segments": [{"start": 1, "end": 3}]}, None, "send input_ids, not text"),
-        ({"agent": 7}, 10, "agent must be a string"),
-        ({"segments": [{"start": 1, "end": 3, "id": 5}]}, 10, "id must be a string"),
-        ({"modes": "exact"}, 10, r"unknown keys \['modes'\]"),
+        ({"kvcomm_spans": [2, 12]}, 10, "span 0 ends at 12, past the 10 input_ids"),
+        ({"kvcomm_spans": [-1, 3]}, 10, r"0 <= start < end, got \[-1, 3\)"),
+        ({"kvcomm_spans": [0, 4, 3, 6]}, 10, "span 1 starts at 3, before the end of span 0"),
+        ({"kvcomm_spans": [5, 8, 0, 2]}, 10, "in order and disjoint"),
+        ({"kvcomm_spans": [6, 2]}, 10, r"start < end, got \[6, 2\)"),
+        ({"kvcomm_spans": [3, 3]}, 10, "start < end"),
+        ({"kvcomm_spans": [1.0, 3]}, 10, r"kvcomm_spans\[0\] must be an integer, got 1\.0"),
+        ({"kvcomm_spans": ["1", 3]}, 10, "must be an integer"),
+        ({"kvcomm_spans": [True, 3]}, 10, "must be an integer"),
+        ({"kvcomm_spans": [1, 3, 5]}, 10, "flat list of start, end pairs"),
+        ({"kvcomm_spans": {"start": 1}}, 10, "flat list"),
+        ({"kvcomm_mode": "fast"}, 10, r"must be one of \['approx', 'exact', 'off'\], got 'fast'"),
+        ({"kvcomm_spans": [1, 3]}, None, "send input_ids, not text"),
+        ({"kvcomm_agent": 7}, 10, "kvcomm_agent must be a string"),
+        ({"kvcomm_spans": [1, 3], "kvcomm_ids": ["a", "b"]}, 10, "list of 1 strings"),
+        ({"kvcomm_spans": [1, 3], "kvcomm_ids": [5]}, 10, "list of 1 strings"),
+        ({"kvcomm_modes": "exact"}, 10, r"unknown keys \['kvcomm_modes'\]"),
     ],
 )
-def test_malformed_metadata_is_refused(kvcomm, num_ids, message):
+def test_malformed_metadata_is_refused(params, num_ids, message):
     with pytest.raises(ProtocolError, match=message):
-        from_custom_params({"kvcomm": kvcomm}, num_ids)
+        from_custom_params(params, num_ids)
 
 
-def test_wrong_container_types():
+def test_custom_params_must_be_an_object():
     with pytest.raises(ProtocolError, match="custom_params must be an object"):
         from_custom_params([1, 2], 10)
-    with pytest.raises(ProtocolError, match="must be an object, got str"):
-        from_custom_params({"kvcomm": "approx"}, 10)
