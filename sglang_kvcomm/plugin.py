@@ -107,6 +107,8 @@ def _before_validate_request(
 
 
 def _build_tree_cache(ctx: TreeCacheBuildContext) -> KVCommRadixCache:
+    from radix_anchor.rope import UnsupportedRopeError
+    from sglang_kvcomm.model_rope import rope_for_model
     from sglang_kvcomm.tree_cache import KVCommRadixCache
 
     unsupported = [
@@ -121,7 +123,15 @@ def _build_tree_cache(ctx: TreeCacheBuildContext) -> KVCommRadixCache:
     ]
     if unsupported:
         raise ValueError(f"the kvcomm cache backend does not support {', '.join(unsupported)}")
-    return KVCommRadixCache(ctx.params, KVCommConfig.from_env())
+    model = ctx.tp_worker.model_runner.model
+    rotary = next((m for m in model.modules() if hasattr(m, "cos_sin_cache")), None)
+    if rotary is None:
+        raise ValueError(f"--kvcomm: {type(model).__name__} has no rotary embedding to shift")
+    try:
+        rope = rope_for_model(ctx.model_config.hf_config, rotary)
+    except UnsupportedRopeError as exc:
+        raise ValueError(f"--kvcomm cannot serve {type(model).__name__}: {exc}") from exc
+    return KVCommRadixCache(ctx.params, KVCommConfig.from_env(), rope)
 
 
 def _after_get_internal_state(

@@ -54,6 +54,7 @@ def _generate(url: str, **body) -> dict:
 def test_stats_report_the_configuration_the_scheduler_received(servers):
     stats = requests.get(servers["kvcomm"].url + "/kvcomm/stats", timeout=30).json()
     assert stats["config"] == {"threshold": 0.5, "max_anchors": 8, "window": 3}
+    assert stats["rope"] == {"layout": "neox", "head_dim": 64}  # checked against the model
     assert stats["requests"] == {"reuse": 0, "dense": 0, "off": 0}
     assert stats["reuse_rate"] == 0.0
     assert stats["tokens_estimated"] == 0 and stats["anchors"] == 0
