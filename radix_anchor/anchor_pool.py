@@ -12,9 +12,8 @@ the least activated one (the oldest on ties): LFU inside a FIFO window, exactly 
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -47,9 +46,6 @@ class KV:
         return KV(self.k[:, sl], self.v[:, sl])
 
 
-_anchor_ids = itertools.count()
-
-
 @dataclass(eq=False)
 class Anchor:
     """One content sample observed behind a pool's prefix (all keys in the position-0 frame).
@@ -66,7 +62,6 @@ class Anchor:
     following_ids: tuple[int, ...]
     position: int  # where the content started in the observed prompt (for authors' mode)
     activations: int = 0
-    anchor_id: int = field(default_factory=lambda: next(_anchor_ids))
 
     def __post_init__(self) -> None:
         if self.ph_offset.k.shape != self.base.k.shape:
@@ -111,6 +106,11 @@ class Anchor:
         return self.base.nbytes + self.ph_offset.nbytes + self.following.nbytes
 
 
+def covering(anchors: Iterable[Anchor], length: int) -> list[Anchor]:
+    """The anchors at least ``length`` tokens long: only they can cover a content that long."""
+    return [a for a in anchors if a.length >= length]
+
+
 class AnchorPool:
     """At most ``capacity`` (V) anchors, oldest first."""
 
@@ -145,7 +145,7 @@ class AnchorPool:
 
     def compatible(self, length: int) -> list[Anchor]:
         """Anchors that cover a content of ``length`` tokens (offsets are cut to that length)."""
-        return [a for a in self._anchors if a.length >= length]
+        return covering(self._anchors, length)
 
 
 class AnchorStore:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radix_anchor.anchor_pool import KV, Anchor
+from radix_anchor.anchor_pool import KV, Anchor, covering
 from radix_anchor.matching import blend, following_weights, placeholder_weights
 from radix_anchor.rope import RopeSpec, rotate
 
@@ -59,7 +59,7 @@ def estimate(
     Raises ValueError when no anchor matches and no ``following_base`` is given.
     """
     length = base.num_tokens
-    usable = [a for a in anchors if a.length >= length]
+    usable = covering(anchors, length)
     following_ids = tuple(following_ids)
     with_following = [a for a in usable if a.following_ids == following_ids]
     if options.authors_code:
@@ -113,7 +113,8 @@ def _estimate_authors_code(
     if following_base is None:
         raise ValueError("authors' mode shifts a template following segment: pass following_base")
     length = base.num_tokens
-    content_k = rotate(base.k, start, rope).float()
+    rotated_base_k = rotate(base.k, start, rope)
+    content_k = rotated_base_k.float()
     content_v = base.v.float()
     if options.placeholder_offset and usable:
         anchor_k = [rotate(a.base.k, a.position, rope) for a in usable]
@@ -122,14 +123,14 @@ def _estimate_authors_code(
         wv = placeholder_weights(base.v, [a.base.v for a in usable], options.tau, options.top_k)
         content_k = content_k + blend(wk, offset_k)
         content_v = content_v + blend(wv, [a.ph_offset.v[:, :length] for a in usable])
-        content_k[0] = rotate(base.k[:1], start, rope)[0]
+        content_k[0] = rotated_base_k[0]
         content_v[0] = base.v[0]
 
     follow_k = rotate(following_base.k, start + length, rope).float()
     follow_v = following_base.v.to(torch.float32, copy=True)
     if options.following_offset and with_following:
         anchor_k = [rotate(a.base.k, a.position, rope) for a in with_following]
-        wk = following_weights(rotate(base.k, start, rope), anchor_k, options.tau, options.top_k)
+        wk = following_weights(rotated_base_k, anchor_k, options.tau, options.top_k)
         wv = following_weights(
             base.v, [a.base.v for a in with_following], options.tau, options.top_k
         )

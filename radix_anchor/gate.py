@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radix_anchor.anchor_pool import Anchor
+from radix_anchor.anchor_pool import Anchor, covering
 
 
 @dataclass
@@ -42,7 +42,7 @@ def decide(
 
     Pure: activation counts are bumped by ``activate``."""
     length = values.shape[1]
-    compatible = [a for a in anchors if a.length >= length]
+    compatible = covering(anchors, length)
     if len(compatible) < min_anchors:
         reason = f"warm-up: {len(compatible)} anchor(s) cover {length} tokens, need {min_anchors}"
         return GateDecision(False, reason, anchors=compatible)
