@@ -1,77 +1,118 @@
-"""The README's demo: a fully connected multi-agent program on a real CPU SGLang server.
+"""The README's demo: a fully connected multi-agent program, radix-only vs KVCOMM, on real CPU
+SGLang servers with SmolLM2-135M-Instruct (packaged, converted once).
 
-Starts SmolLM2-135M-Instruct (packaged, converted once) on 127.0.0.1 with ``--kvcomm``, runs the
-program on a few GSM8K questions, prints a per-agent table (prompt tokens, cached tokens, TTFT,
-answer) and the server's KVCOMM counters, then stops the server by PID.
+Starts a stock server (radix cache only) and a ``--kvcomm`` server side by side on 127.0.0.1,
+runs the program on the same GSM8K questions on each (same client, same token ids: a stock server
+ignores the kvcomm metadata), then replays every reused call on the KVCOMM server as a dense
+``exact`` request: the dense answer the reused one is compared with, and the TTFT of that very
+prompt without reuse. Prints per agent TTFT (both runs), speedup, reuse and agreement, then stops
+both servers by PID.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
 import requests
 from report import format_table
 
-from kvcomm_frontend import TimedEndpoint, fully_connected
+from kvcomm_frontend import Call, KVCommEndpoint, fully_connected
 from kvcomm_frontend.agents import extract_number
 from sglang_kvcomm.assets.datasets import gsm8k
 from sglang_kvcomm.assets.models import model_dir
-from sglang_kvcomm.server_process import ServerProcess
+from sglang_kvcomm.server_process import ServerProcess, serving
+
+GREEDY_TOKENS = 32
 
 
 def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+def run_program(url: str, questions: list[str], max_tokens: int, label: str) -> list[Call]:
+    endpoint = KVCommEndpoint(url)
+    for i, question in enumerate(questions, 1):
+        t0 = time.perf_counter()
+        fully_connected.run(
+            question=question, max_tokens=max_tokens, decision_max_tokens=16, backend=endpoint
+        )
+        say(f"{label}: question {i}/{len(questions)} in {time.perf_counter() - t0:.1f}s")
+    return endpoint.calls
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    a, b = a[:GREEDY_TOKENS], b[:GREEDY_TOKENS]
+    return sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1)
+
+
+def ms(values: list[float]) -> float:
+    return 1000 * statistics.fmean(values) if values else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=3, help="GSM8K questions to run")
+    parser.add_argument("--questions", type=int, default=8, help="GSM8K questions to run")
     parser.add_argument("--max-tokens", type=int, default=64, help="answer tokens per agent")
-    parser.add_argument("--server-log", default=None, help="where the server log goes")
+    parser.add_argument("--log-dir", default=None, help="where the server logs go")
     args = parser.parse_args(argv)
 
     model = model_dir("smollm2")
-    problems = gsm8k(limit=args.questions)
+    questions = [p.question for p in gsm8k(limit=args.questions)]
+    logs = {name: f"{args.log_dir}/{name}.log" if args.log_dir else None
+            for name in ("radix", "kvcomm")}  # fmt: skip
     say(f"model {model}")
-    say("starting the SGLang CPU server with --kvcomm (15-30 s)")
-    rows = []
+    say("starting two SGLang CPU servers: radix-only and --kvcomm (20-40 s)")
     started = time.perf_counter()
-    with ServerProcess(model, ["--kvcomm"], log_path=args.server_log, progress=say) as server:
-        backend = TimedEndpoint(server.url)
-        for i, problem in enumerate(problems, 1):
-            say(f"question {i}/{len(problems)}: {problem.question[:70]}...")
-            t0 = time.perf_counter()
-            state = fully_connected.run(
-                question=problem.question, max_tokens=args.max_tokens, backend=backend
-            )
-            elapsed = time.perf_counter() - t0
-            say(f"question {i} done in {elapsed:.1f}s (gold answer {problem.answer})")
-            for record in state.ret_value:
-                meta = record["meta"]
-                answer = " ".join(record["answer"].split())
-                rows.append(
-                    [
-                        i,
-                        record["agent"],
-                        meta["prompt_tokens"],
-                        meta["cached_tokens"],
-                        1000 * meta["client_ttft_s"],
-                        extract_number(answer) or "-",
-                        answer[:48] + ("..." if len(answer) > 48 else ""),
-                    ]
-                )
-        stats = requests.get(server.url + "/kvcomm/stats", timeout=10).json()
-        say("stopping the server")
+    radix = ServerProcess(model, [], log_path=logs["radix"], progress=say)
+    kvcomm = ServerProcess(model, ["--kvcomm"], log_path=logs["kvcomm"], progress=say)
+    with serving(radix, kvcomm):
+        baseline = run_program(radix.url, questions, args.max_tokens, "radix-only")
+        reused = run_program(kvcomm.url, questions, args.max_tokens, "KVCOMM")
+        say("replaying the reused calls densely on the KVCOMM server")
+        endpoint = KVCommEndpoint(kvcomm.url)
+        dense = {id(c): endpoint.replay(c, "exact") for c in reused
+                 if c.kvcomm.get("decision") == "reuse"}  # fmt: skip
+        stats = requests.get(kvcomm.url + "/kvcomm/stats", timeout=10).json()
+        say("stopping the servers")
+
+    rows = []
+    for agent in dict.fromkeys(c.agent for c in baseline):
+        base = [c for c in baseline if c.agent == agent]
+        mine = [c for c in reused if c.agent == agent]
+        hits = [c for c in mine if id(c) in dense]
+        t_base = ms([c.meta["client_ttft_s"] for c in base])
+        t_mine = ms([c.meta["client_ttft_s"] for c in mine])
+        t_hit = ms([c.meta["client_ttft_s"] for c in hits])
+        t_hit_dense = ms([dense[id(c)].meta["client_ttft_s"] for c in hits])
+        agree = [agreement(c.output_ids, dense[id(c)].output_ids) for c in hits]
+        same = [extract_number(c.text) == extract_number(dense[id(c)].text) for c in hits]
+        rows.append([
+            agent, len(mine), t_base, t_mine, t_base / t_mine, f"{len(hits)}/{len(mine)}",
+            t_hit_dense if hits else "-", t_hit if hits else "-",
+            t_hit_dense / t_hit if hits else "-",
+            statistics.fmean(agree) if hits else "-",
+            f"{sum(same)}/{len(same)}" if hits else "-",
+        ])  # fmt: skip
+    print()
+    print(format_table(
+        ["agent", "calls", "TTFT radix ms", "TTFT KVCOMM ms", "speedup", "reused",
+         "reused: dense ms", "reused: KVCOMM ms", "reused speedup", "agree@32", "same answer"],
+        rows,
+    ))  # fmt: skip
     print()
     print(
-        format_table(["q", "agent", "prompt tok", "cached tok", "TTFT ms", "answer", "text"], rows)
+        f"KVCOMM: requests {stats['requests']}, reuse rate {stats['reuse_rate']:.2f} "
+        f"(decision agent runs exact), fallbacks {stats['fallbacks']}, tokens estimated "
+        f"{stats['tokens_estimated']}, prefilled {stats['tokens_prefilled']}, anchors "
+        f"{stats['anchors']} ({stats['anchor_bytes'] / 2**20:.0f} MiB), bases {stats['bases']} "
+        f"({stats['base_bytes'] / 2**20:.0f} MiB)"
     )
-    print()
     print(
-        f"KVCOMM stats: requests {stats['requests']}, reuse rate {stats['reuse_rate']:.2f}, "
-        f"config {stats['config']}"
+        "agree@32: share of the first 32 greedy tokens equal to the same prompt prefilled "
+        "densely; 'reused: dense ms' is that dense replay's TTFT on the same server."
     )
     say(f"done in {time.perf_counter() - started:.0f}s")
     return 0

@@ -135,12 +135,17 @@ class AnchorPool:
 
     def add(self, anchor: Anchor) -> Anchor | None:
         """Insert ``anchor``; returns the evicted anchor when the pool was full."""
-        evicted = None
-        if len(self._anchors) >= self.capacity:
-            oldest = self._anchors[: self.window]
-            evicted = min(oldest, key=lambda a: a.activations)  # min keeps the first (oldest) tie
-            self._anchors.remove(evicted)
+        evicted = self.evict() if len(self._anchors) >= self.capacity else None
         self._anchors.append(anchor)
+        return evicted
+
+    def evict(self) -> Anchor | None:
+        """Drop the least activated of the W oldest anchors (the oldest on ties)."""
+        if not self._anchors:
+            return None
+        oldest = self._anchors[: self.window]
+        evicted = min(oldest, key=lambda a: a.activations)  # min keeps the first (oldest) tie
+        self._anchors.remove(evicted)
         return evicted
 
     def compatible(self, length: int) -> list[Anchor]:
@@ -167,6 +172,9 @@ class AnchorStore:
 
     def clear(self) -> None:
         self._pools.clear()
+
+    def pools(self) -> list[AnchorPool]:
+        return list(self._pools.values())
 
     @property
     def num_anchors(self) -> int:

@@ -28,6 +28,7 @@ class KVCommConfig:
     threshold: float = 0.3  # gamma: entropy gate, shareable if H <= gamma * log2(N)
     max_anchors: int = 20  # V: anchor pool capacity per placeholder
     window: int = 5  # W: eviction drops the least activated of the W oldest anchors
+    max_memory_mb: int = 1024  # bound on base KV + anchors held per scheduler
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -41,6 +42,11 @@ class KVCommConfig:
             raise KVCommConfigError(
                 f"--kvcomm-window must be in [1, --kvcomm-max-anchors={self.max_anchors}], "
                 f"got {self.window}"
+            )
+
+        if self.max_memory_mb < 1:
+            raise KVCommConfigError(
+                f"--kvcomm-max-memory-mb must be >= 1, got {self.max_memory_mb}"
             )
 
     def to_json(self) -> str:
@@ -90,6 +96,13 @@ _FLAGS = (
         int,
         "Eviction window W (1 <= W <= V): when a pool is full, the least "
         "activated of its W oldest anchors is dropped.",
+    ),
+    _Flag(
+        "max_memory_mb",
+        "--kvcomm-max-memory-mb",
+        int,
+        "Memory bound (MiB, per scheduler) for the base KV of shared contents and the anchors; "
+        "past it the least recently used bases, then anchors, are dropped.",
     ),
 )
 

@@ -42,6 +42,8 @@ _FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _LAUNCH_HTTP_SERVER = "sglang.srt.entrypoints.http_server.launch_server"
 _GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 _VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+_ABORT_REQUEST = "sglang.srt.managers.scheduler.Scheduler.abort_request"
+_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 
 
 def register() -> None:
@@ -63,6 +65,8 @@ def register() -> None:
     HookRegistry.register(_LAUNCH_HTTP_SERVER, _before_launch_http_server, HookType.BEFORE)
     HookRegistry.register(_GET_INTERNAL_STATE, _after_get_internal_state, HookType.AFTER)
     HookRegistry.register(_VALIDATE_REQUEST, _before_validate_request, HookType.BEFORE)
+    HookRegistry.register(_ABORT_REQUEST, _before_abort_request, HookType.BEFORE)
+    HookRegistry.register(_ON_IDLE, _before_on_idle, HookType.BEFORE)
 
 
 def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
@@ -141,3 +145,26 @@ def _after_get_internal_state(
     report = getattr(scheduler.tree_cache, "kvcomm_report", None)
     if report is not None:
         result.internal_state["kvcomm"] = report()
+
+
+def _before_abort_request(scheduler: Scheduler, recv_req: object, *args: object) -> None:
+    """Queued requests are dropped without the cache hearing of it: free their estimated KV
+    (the scheduler's own selection rule, ``Scheduler.abort_request``)."""
+    release = getattr(scheduler.tree_cache, "release_unadmitted", None)
+    if release is None:
+        return
+    abort_all, prefix = getattr(recv_req, "abort_all", False), getattr(recv_req, "rid", "")
+    rids = [r.rid for r in scheduler.waiting_queue if abort_all or r.rid.startswith(prefix)]
+    if rids:
+        release(rids)
+
+
+def _before_on_idle(scheduler: Scheduler, *args: object) -> None:
+    """Safety net before SGLang's idle leak check: with no request left, estimated KV held for
+    a request that was never admitted (dropped from the queue by a timeout or a preemption)
+    belongs to nobody."""
+    release = getattr(scheduler.tree_cache, "release_unadmitted", None)
+    if release is not None and scheduler.is_fully_idle():
+        released = release(None)
+        if released:
+            logger.warning("kvcomm: freed the estimated KV of %d dropped request(s)", released)

@@ -9,8 +9,10 @@ scalars or flat objects) in a ``/generate`` request with ``input_ids``::
         "kvcomm_mode": "approx",              # approx (default) | exact | off
         "kvcomm_agent": "solver",             # optional, for metrics
         "kvcomm_spans": [12, 80, 95, 140],    # [start, end) pairs into input_ids, ordered
-        "kvcomm_ids": ["question-17", "a2"],  # optional content id per span (default: its tokens)
     }
+
+The server keys what it keeps for a shared content (its base KV) by the span's token ids, never
+by a client-chosen name, so reused KV always belongs to exactly these tokens.
 
 ``approx`` allows estimated KV for the spans; ``exact`` uses only exact prefix reuse; ``off``
 disables the extension for the request. Malformed metadata raises ``ProtocolError`` with a
@@ -26,8 +28,8 @@ from typing import Any, Literal
 Mode = Literal["approx", "exact", "off"]
 MODES: tuple[Mode, ...] = ("approx", "exact", "off")
 PREFIX = "kvcomm_"
-MODE, AGENT, SPANS, IDS = (PREFIX + k for k in ("mode", "agent", "spans", "ids"))
-_KEYS = (MODE, AGENT, SPANS, IDS)
+MODE, AGENT, SPANS = (PREFIX + k for k in ("mode", "agent", "spans"))
+_KEYS = (MODE, AGENT, SPANS)
 _MAX_NAME = 256
 
 
@@ -39,7 +41,6 @@ class ProtocolError(ValueError):
 class SharedSegment:
     start: int  # first token, index into input_ids
     end: int  # one past the last token
-    content_id: str | None = None
 
     @property
     def length(self) -> int:
@@ -74,11 +75,11 @@ def from_custom_params(custom_params: Any, num_input_ids: int | None) -> KVCommR
     agent = present.get(AGENT)
     if agent is not None and not _is_name(agent):
         raise ProtocolError(f"custom_params.{AGENT} must be a string of at most {_MAX_NAME} chars")
-    segments = _segments(present.get(SPANS, []), present.get(IDS), num_input_ids)
+    segments = _segments(present.get(SPANS, []), num_input_ids)
     return KVCommRequest(mode=mode, agent=agent, segments=segments)
 
 
-def _segments(spans: Any, ids: Any, num_input_ids: int | None) -> tuple[SharedSegment, ...]:
+def _segments(spans: Any, num_input_ids: int | None) -> tuple[SharedSegment, ...]:
     where = f"custom_params.{SPANS}"
     if not isinstance(spans, list) or len(spans) % 2:
         raise ProtocolError(f"{where} must be a flat list of start, end pairs")
@@ -88,12 +89,6 @@ def _segments(spans: Any, ids: Any, num_input_ids: int | None) -> tuple[SharedSe
     if spans and num_input_ids is None:
         raise ProtocolError(f"{where} index input_ids: send input_ids, not text")
     pairs = list(zip(spans[0::2], spans[1::2], strict=True))
-    if ids is not None and (
-        not isinstance(ids, list) or len(ids) != len(pairs) or not all(map(_is_name, ids))
-    ):
-        raise ProtocolError(
-            f"custom_params.{IDS} must be a list of {len(pairs)} strings (one per span)"
-        )
     segments = []
     for n, (start, end) in enumerate(pairs):
         if not 0 <= start < end:
@@ -110,7 +105,7 @@ def _segments(spans: Any, ids: Any, num_input_ids: int | None) -> tuple[SharedSe
                 f"{n - 1} ({segments[-1].end}): spans must be in order and "
                 "disjoint"
             )
-        segments.append(SharedSegment(start, end, ids[n] if ids is not None else None))
+        segments.append(SharedSegment(start, end))
     return tuple(segments)
 
 

@@ -1,4 +1,5 @@
-"""Counters the extension reports per scheduler (``GET /kvcomm/stats``, ``/server_info``).
+"""Request counters the extension reports per scheduler (``GET /kvcomm/stats``); the memory
+held (bases, anchors) comes from ``radix_anchor.reuse.KVComm.report``.
 
 Reuse rate follows the paper: the share of agent calls with shared segments that skipped
 prefill (decision ``reuse``) among those that could have (``reuse`` + ``dense``); calls that
@@ -20,9 +21,6 @@ class KVCommStats:
     tokens_matched_exact: int = 0
     tokens_estimated: int = 0
     tokens_prefilled: int = 0
-    anchors: int = 0
-    anchor_bytes: int = 0
-    pinned_base_bytes: int = 0
 
     @property
     def reuse_rate(self) -> float:
@@ -37,7 +35,4 @@ class KVCommStats:
             "tokens_matched_exact": self.tokens_matched_exact,
             "tokens_estimated": self.tokens_estimated,
             "tokens_prefilled": self.tokens_prefilled,
-            "anchors": self.anchors,
-            "anchor_bytes": self.anchor_bytes,
-            "pinned_base_bytes": self.pinned_base_bytes,
         }

@@ -43,3 +43,26 @@ def hf_models():
         return loaded[key]
 
     return get
+
+
+KVCOMM_ARGS = [
+    "--kvcomm",
+    "--kvcomm-threshold",
+    "0.5",
+    "--kvcomm-max-anchors",
+    "8",
+    "--kvcomm-window",
+    "3",
+]
+
+
+@pytest.fixture(scope="session")
+def servers(smollm2_dir, tmp_path_factory):
+    """A stock server and a --kvcomm server, side by side on 127.0.0.1 (stopped by PID)."""
+    from sglang_kvcomm.server_process import ServerProcess, serving
+
+    logs = tmp_path_factory.mktemp("server-logs")
+    stock = ServerProcess(smollm2_dir, [], log_path=logs / "stock.log")
+    kvcomm = ServerProcess(smollm2_dir, KVCOMM_ARGS, log_path=logs / "kvcomm.log")
+    with serving(stock, kvcomm):
+        yield {"stock": stock, "kvcomm": kvcomm}

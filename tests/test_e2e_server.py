@@ -1,6 +1,6 @@
-"""End to end on real CPU servers with the real SmolLM2: a stock server and a --kvcomm server,
-started side by side on 127.0.0.1 and stopped by PID. At this stage the kvcomm backend must be
-indistinguishable from RadixCache."""
+"""End to end on real CPU servers with the real SmolLM2 (the ``servers`` fixture): start-up,
+flags, the protocol's 400s, and a --kvcomm server serving exact, off and plain requests exactly
+like a stock server. Reuse itself: ``test_e2e_reuse.py``."""
 
 from __future__ import annotations
 
@@ -12,32 +12,6 @@ import requests
 from sglang_kvcomm.server_process import ServerProcess, ServerStartError
 
 pytestmark = pytest.mark.e2e
-
-KVCOMM_ARGS = [
-    "--kvcomm",
-    "--kvcomm-threshold",
-    "0.5",
-    "--kvcomm-max-anchors",
-    "8",
-    "--kvcomm-window",
-    "3",
-]
-
-
-@pytest.fixture(scope="module")
-def servers(smollm2_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("server-logs")
-    stock = ServerProcess(smollm2_dir, [], log_path=logs / "stock.log")
-    kvcomm = ServerProcess(smollm2_dir, KVCOMM_ARGS, log_path=logs / "kvcomm.log")
-    try:
-        for server in (stock, kvcomm):
-            server.launch()
-        for server in (stock, kvcomm):
-            server.wait_ready()
-        yield {"stock": stock, "kvcomm": kvcomm}
-    finally:
-        for server in (stock, kvcomm):
-            server.stop()
 
 
 def _flush(*urls: str) -> None:
@@ -53,11 +27,15 @@ def _generate(url: str, **body) -> dict:
 
 def test_stats_report_the_configuration_the_scheduler_received(servers):
     stats = requests.get(servers["kvcomm"].url + "/kvcomm/stats", timeout=30).json()
-    assert stats["config"] == {"threshold": 0.5, "max_anchors": 8, "window": 3}
+    assert stats["config"] == {
+        "threshold": 0.5,
+        "max_anchors": 8,
+        "window": 3,
+        "max_memory_mb": 1024,
+    }
     assert stats["rope"] == {"layout": "neox", "head_dim": 64}  # checked against the model
-    assert stats["requests"] == {"reuse": 0, "dense": 0, "off": 0}
-    assert stats["reuse_rate"] == 0.0
-    assert stats["tokens_estimated"] == 0 and stats["anchors"] == 0
+    assert set(stats["requests"]) == {"reuse", "dense", "off"}
+    assert stats["max_bytes"] == 1024 << 20
     info = requests.get(servers["kvcomm"].url + "/server_info", timeout=30).json()
     assert info["radix_cache_backend"] == "kvcomm"
     assert "KVCOMM tree cache: threshold(gamma)=0.5 max_anchors(V)=8 window(W)=3" in (
@@ -74,14 +52,16 @@ def test_stock_server_is_untouched(servers):
     assert "KVCOMM tree cache" not in servers["stock"].log_path.read_text()
 
 
-def test_program_outputs_match_stock_server(servers):
-    from kvcomm_frontend import TimedEndpoint, fully_connected
+@pytest.mark.parametrize("mode", ["exact", "off"])
+def test_program_outputs_match_stock_server(servers, mode):
+    from kvcomm_frontend import KVCommEndpoint, fully_connected
     from sglang_kvcomm.assets.datasets import gsm8k
 
     _flush(servers["stock"].url, servers["kvcomm"].url)
+    before = requests.get(servers["kvcomm"].url + "/kvcomm/stats", timeout=30).json()
     outputs = {}
     for name in ("stock", "kvcomm"):
-        backend = TimedEndpoint(servers[name].url)
+        backend = KVCommEndpoint(servers[name].url, mode=mode)
         outputs[name] = [
             [
                 (
@@ -99,6 +79,12 @@ def test_program_outputs_match_stock_server(servers):
     assert outputs["kvcomm"] == outputs["stock"]
     assert len(outputs["stock"]) == 2 and all(len(q) == 4 for q in outputs["stock"])
     assert all(answer for q in outputs["stock"] for _, answer, _, _ in q)
+    after = requests.get(servers["kvcomm"].url + "/kvcomm/stats", timeout=30).json()
+    assert after["tokens_estimated"] == before["tokens_estimated"]
+    assert after["requests"]["reuse"] == before["requests"]["reuse"]
+    assert after["requests"][mode if mode == "off" else "dense"] == (
+        before["requests"][mode if mode == "off" else "dense"] + 8
+    )
 
 
 def test_logprobs_are_bit_identical(servers):

@@ -4,6 +4,16 @@ Import name ``kvcomm_frontend`` (the folder is ``frontend/``; ``frontend`` is ta
 """
 
 from kvcomm_frontend.agents import MATH_DECISION, MATH_ROLES, AgentRole, fully_connected
-from kvcomm_frontend.endpoint import TimedEndpoint
+from kvcomm_frontend.endpoint import Call, KVCommEndpoint
+from kvcomm_frontend.markup import agent, shared
 
-__all__ = ["AgentRole", "MATH_DECISION", "MATH_ROLES", "TimedEndpoint", "fully_connected"]
+__all__ = [
+    "AgentRole",
+    "Call",
+    "KVCommEndpoint",
+    "MATH_DECISION",
+    "MATH_ROLES",
+    "agent",
+    "fully_connected",
+    "shared",
+]

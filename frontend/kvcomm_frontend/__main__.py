@@ -9,7 +9,7 @@ import argparse
 import json
 
 from kvcomm_frontend.agents import fully_connected
-from kvcomm_frontend.endpoint import TimedEndpoint
+from kvcomm_frontend.endpoint import KVCommEndpoint
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         help="sglang chat template name (default: matched from the model path)",
     )
     args = parser.parse_args(argv)
-    backend = TimedEndpoint(args.url, chat_template_name=args.chat_template)
+    backend = KVCommEndpoint(args.url, chat_template_name=args.chat_template)
     state = fully_connected.run(question=args.question, max_tokens=args.max_tokens, backend=backend)
     for record in state.ret_value:
         meta = record["meta"]
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                     "prompt_tokens": meta["prompt_tokens"],
                     "cached_tokens": meta["cached_tokens"],
                     "ttft_s": meta["client_ttft_s"],
+                    "kvcomm": (meta.get("kvcomm") or [None])[0],
                 }
             )
         )

@@ -4,7 +4,8 @@
 question and the answers of the agents before it; a decision agent reads them all and answers.
 Each agent's prompt starts with its own system prompt, so the shared text (the question, the
 other agents' answers) sits behind a different prefix in every prompt: the case a radix cache
-cannot reuse and KVCOMM targets.
+cannot reuse and KVCOMM targets. The question and the answers are marked ``shared``; the decision
+agent runs ``exact`` (estimated KV is known to change judges' choices).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 from dataclasses import dataclass
 
 import sglang as sgl
+
+from kvcomm_frontend.markup import agent, shared
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,10 @@ MATH_DECISION = AgentRole(
 
 
 def agent_message(question: str, previous: list[tuple[str, str]]) -> str:
-    parts = [f"Problem: {question.strip()}"]
+    """The user turn: the question and earlier answers, quoted verbatim as shared content."""
+    parts = [f"Problem: {shared(question.strip())}"]
     for name, answer in previous:
-        parts.append(f"Answer of the {name}: {answer.strip()}")
+        parts.append(f"Answer of the {name}: {shared(answer)}")
     parts.append("Your answer:")
     return "\n\n".join(parts)
 
@@ -62,20 +66,21 @@ def fully_connected(
     decision: AgentRole = MATH_DECISION,
     max_tokens: int = 96,
     decision_max_tokens: int = 24,
+    decision_mode: str = "exact",
 ) -> list[dict]:
     """Returns one record per agent (role, answer, the server's and client's meta info)."""
     agents = s.fork(len(roles))
     answers: list[tuple[str, str]] = []
     records = []
-    for agent, role in zip(agents, roles, strict=True):
-        agent += sgl.system(role.system_prompt)
-        agent += sgl.user(agent_message(question, answers))
-        agent += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))
-        answers.append((role.name, agent["answer"]))  # blocks: the next agent needs it
-        records.append({"agent": role.name, "answer": agent["answer"],
-                        "meta": agent.get_meta_info("answer")})  # fmt: skip
+    for fork, role in zip(agents, roles, strict=True):
+        fork += sgl.system(agent(role.name) + role.system_prompt)
+        fork += sgl.user(agent_message(question, answers))
+        fork += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))
+        answers.append((role.name, fork["answer"]))  # blocks: the next agent needs it
+        records.append({"agent": role.name, "answer": fork["answer"],
+                        "meta": fork.get_meta_info("answer")})  # fmt: skip
     agents.join()
-    s += sgl.system(decision.system_prompt)
+    s += sgl.system(agent(decision.name, decision_mode) + decision.system_prompt)
     s += sgl.user(agent_message(question, answers))
     s += sgl.assistant(sgl.gen("final", max_tokens=decision_max_tokens, temperature=0))
     records.append({"agent": decision.name, "answer": s["final"],

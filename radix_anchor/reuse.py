@@ -1,0 +1,196 @@
+"""KVCOMM's serving loop, engine-agnostic: plan a request's reuse, learn from dense prefills.
+
+The engine calls three things, all in token positions of one prompt (a ``PromptLayout``):
+
+- ``plan(layout, exact_len, end)`` after its exact prefix match of ``exact_len`` tokens: either a
+  ``Reuse`` (the estimated KV of tokens ``[start, end)``, to be written behind the exact prefix
+  ``[0, start)``) or a ``Fallback`` naming why the request must be prefilled densely. Reuse needs
+  every shared span from ``start`` on to have a base KV and to pass the entropy gate of its pool;
+  it is all or nothing, as in the paper.
+- ``observe_prefill(layout, read)`` after a dense prefill: each span's measured KV and that of the
+  fixed segment after it become an anchor of the span's pool; a content seen for the first time
+  gets its measured KV (de-rotated) as base KV.
+- ``observe_output(tokens, kv, position)`` when a request finishes: the KV its decode produced
+  becomes the base KV of its response, which later prompts quote.
+
+Everything held (bases, anchors) is copied out of the engine's KV pool, in its dtype and on its
+device, and bounded by ``max_bytes``: least recently used bases that no anchor refers to go
+first, then anchors by their pools' eviction rule, largest pool first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from radix_anchor.anchor_pool import KV, Anchor, AnchorStore
+from radix_anchor.base_store import BaseStore
+from radix_anchor.estimate import EstimateOptions, estimate
+from radix_anchor.gate import GateDecision, activate, decide
+from radix_anchor.prompt import PromptLayout
+from radix_anchor.rope import RopeSpec, rotate
+
+Read = Callable[[int, int], KV]  # measured KV of the prompt's tokens [start, end)
+
+
+@dataclass(frozen=True)
+class ReuseConfig:
+    gamma: float = 0.3
+    max_anchors: int = 20
+    window: int = 5
+    max_bytes: int = 1 << 30
+    estimate: EstimateOptions = field(default_factory=EstimateOptions)
+
+
+@dataclass
+class Reuse:
+    start: int  # the exact prefix is [0, start)
+    kv: KV  # estimated KV of tokens [start, start + kv.num_tokens), keys at those positions
+    decisions: list[GateDecision]  # one per estimated span
+
+    @property
+    def end(self) -> int:
+        return self.start + self.kv.num_tokens
+
+
+@dataclass(frozen=True)
+class Fallback:
+    reason: str  # a short category (counted in reports)
+    detail: str = ""
+
+
+class KVComm:
+    def __init__(self, rope: RopeSpec, config: ReuseConfig = ReuseConfig()) -> None:  # noqa: B008
+        self.rope = rope
+        self.config = config
+        self.bases = BaseStore()
+        self.anchors = AnchorStore(config.max_anchors, config.window)
+
+    def plan(self, layout: PromptLayout, exact_len: int, end: int) -> Reuse | Fallback:
+        """Reuse for tokens ``[start, end)`` of ``layout`` behind an exact prefix of
+        ``exact_len`` tokens, or why not."""
+        spans = layout.spans
+        if not spans:
+            return Fallback("no shared spans")
+        pending = [j for j, (_, span_end) in enumerate(spans) if span_end > exact_len]
+        if not pending:
+            return Fallback("exact prefix covers the shared spans")
+        first = pending[0]
+        if exact_len < spans[first][0]:
+            if first == 0:
+                return Fallback(
+                    "prefix not cached",
+                    f"exact match {exact_len} < first shared span at {spans[0][0]}",
+                )
+            first -= 1  # the exact prefix ends in the segment after a span: estimate that span
+        start = spans[first][0]
+        if end <= start:
+            return Fallback("nothing to estimate", f"end {end} <= start {start}")
+
+        chosen: list[tuple[int, KV, GateDecision]] = []
+        for j in range(first, len(spans)):
+            if spans[j][0] >= end:
+                break
+            base = self.bases.get(layout.content(j))
+            if base is None:
+                return Fallback("no base KV", f"span {j} {spans[j]}")
+            pool = self.anchors.get(layout.slot_key(j))
+            decision = decide(base.v, list(pool or ()), self.config.gamma)
+            if not decision.shareable:
+                return Fallback(decision.reason.split(":")[0], f"span {j}: {decision.reason}")
+            following = layout.following(j)
+            if following and not any(a.following_ids == following for a in decision.anchors):
+                return Fallback("following segment unseen", f"span {j}")
+            chosen.append((j, base, decision))
+
+        pieces: list[KV] = []
+        for j, base, decision in chosen:
+            est = estimate(
+                base, spans[j][0], decision.anchors, layout.following(j), self.rope,
+                self.config.estimate,
+            )  # fmt: skip
+            pieces += [est.content, est.following]
+        k = torch.cat([p.k for p in pieces], dim=1)[:, : end - start]
+        v = torch.cat([p.v for p in pieces], dim=1)[:, : end - start]
+        return Reuse(start, KV(k, v), [d for _, _, d in chosen])
+
+    def commit(self, reuse: Reuse) -> None:
+        """The reuse was applied: its top anchors earn an activation (kept from eviction)."""
+        for decision in reuse.decisions:
+            activate(decision)
+
+    def observe_prefill(self, layout: PromptLayout, read: Read) -> int:
+        """Learn anchors from a dense prefill of ``layout``; returns how many were added."""
+        for j, (start, end) in enumerate(layout.spans):
+            content = read(start, end)
+            following = read(end, layout.following_end(j))
+            tokens = layout.content(j)
+            base = self.bases.get(tokens)
+            if base is None:
+                base = KV(rotate(content.k, -start, self.rope), content.v.clone())
+                self.bases.put(tokens, base)
+            anchor = Anchor.from_dense(
+                base, content, following, layout.following(j), start, self.rope
+            )
+            self.anchors.pool(layout.slot_key(j)).add(anchor)
+        self._enforce_budget()
+        return len(layout.spans)
+
+    def observe_output(self, tokens: tuple[int, ...], kv: KV, position: int) -> None:
+        """``kv``: the KV a decode produced for ``tokens``, the first at ``position``."""
+        if not tokens:
+            return
+        self.bases.put(tokens, KV(rotate(kv.k, -position, self.rope), kv.v.clone()))
+        self._enforce_budget()
+
+    def clear(self) -> None:
+        self.bases.clear()
+        self.anchors.clear()
+
+    @property
+    def base_bytes(self) -> int:
+        return _held_bytes(self.bases.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, each storage counted once (anchors share their base with the store)."""
+        return _held_bytes([*self.bases.values(), *self._anchor_kvs()])
+
+    def report(self) -> dict:
+        total, bases = self.nbytes, self.base_bytes
+        return {
+            "bases": len(self.bases),
+            "base_bytes": bases,
+            "anchors": self.anchors.num_anchors,
+            "anchor_pools": len(self.anchors.pools()),
+            "anchor_bytes": total - bases,
+            "max_bytes": self.config.max_bytes,
+        }
+
+    def _anchor_kvs(self) -> list[KV]:
+        return [
+            kv for pool in self.anchors.pools() for a in pool
+            for kv in (a.base, a.ph_offset, a.following)
+        ]  # fmt: skip
+
+    def _enforce_budget(self) -> None:
+        """Drop bases no anchor refers to (least recently used first): they free memory; then
+        anchors, from the largest pool, which may free more bases."""
+        while self.nbytes > self.config.max_bytes:
+            in_use = {id(a.base) for pool in self.anchors.pools() for a in pool}
+            if self.bases.pop_oldest(keep=lambda base, used=in_use: id(base) in used) is not None:
+                continue
+            pool = max(self.anchors.pools(), key=lambda p: p.nbytes, default=None)
+            if pool is None or pool.evict() is None:
+                return
+
+
+def _held_bytes(kvs: Iterable[KV]) -> int:
+    storages: dict[tuple[str, int], int] = {}
+    for kv in kvs:
+        for t in (kv.k, kv.v):
+            storage = t.untyped_storage()
+            storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())

@@ -1,0 +1,199 @@
+"""The serving loop of ``radix_anchor.reuse``: what it plans, what it learns, what it holds.
+
+Synthetic KV for the decisions and bookkeeping; the real SmolLM2 (transformers, fp32) for the
+numbers: a planned reuse must equal the estimate computed span by span, keep layer 0 exact and
+be closer to dense prefill than unrotated reuse."""
+
+from __future__ import annotations
+
+import torch
+
+from radix_anchor.anchor_pool import KV
+from radix_anchor.base_store import BaseStore
+from radix_anchor.estimate import estimate
+from radix_anchor.prompt import PromptLayout
+from radix_anchor.reuse import Fallback, KVComm, Reuse, ReuseConfig
+from radix_anchor.rope import RopeSpec, rotate
+
+L, H, D = 3, 2, 8
+ROPE = RopeSpec.from_theta(D, 1e4)
+PREFIX, FOLLOW, TAIL = (1, 2, 3), (7, 8), (9, 10, 11)
+
+
+def _kv(tokens: int, seed: int) -> KV:
+    g = torch.Generator().manual_seed(seed)
+    return KV(torch.randn(L, tokens, H, D, generator=g), torch.randn(L, tokens, H, D, generator=g))
+
+
+def _layout(first: tuple[int, ...], second: tuple[int, ...], prefix=PREFIX) -> PromptLayout:
+    tokens = (*prefix, *first, *FOLLOW, *second, *TAIL)
+    a = len(prefix)
+    b = a + len(first) + len(FOLLOW)
+    return PromptLayout.of(tokens, [(a, a + len(first)), (b, b + len(second))])
+
+
+def _observe(engine: KVComm, layout: PromptLayout, seed: int) -> KV:
+    measured = _kv(len(layout.tokens), seed)
+    engine.observe_prefill(layout, lambda a, b: measured.tokens(slice(a, b)))
+    return measured
+
+
+def _contents(n: int, length: int = 4) -> list[tuple[int, ...]]:
+    return [tuple(range(100 + 10 * i, 100 + 10 * i + length)) for i in range(n)]
+
+
+def test_first_dense_prefill_gives_bases_and_anchors():
+    engine = KVComm(ROPE)
+    first, second = _contents(2)
+    layout = _layout(first, second)
+    measured = _observe(engine, layout, seed=0)
+    (s0, e0), (s1, e1) = layout.spans
+    base = engine.bases.get(first)
+    torch.testing.assert_close(base.k, rotate(measured.k[:, s0:e0], -s0, ROPE))
+    torch.testing.assert_close(base.v, measured.v[:, s0:e0])
+    assert engine.bases.get(second) is not None
+    for j in range(2):
+        (anchor,) = engine.anchors.get(layout.slot_key(j))
+        assert anchor.following_ids == layout.following(j)
+        assert anchor.ph_offset.k.abs().max() < 1e-5  # the base was measured right here
+    assert engine.report()["anchors"] == 2 and engine.report()["bases"] == 2
+
+
+def test_plan_falls_back_with_a_reason():
+    engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
+    contents = _contents(6)
+    layout = _layout(contents[0], contents[1])
+    start = layout.spans[0][0]
+    end = len(layout.tokens) - 1
+    assert engine.plan(PromptLayout.of(layout.tokens, []), 0, end).reason == "no shared spans"
+    assert engine.plan(layout, start - 1, end).reason == "prefix not cached"
+    assert engine.plan(layout, layout.spans[1][1], end).reason == (
+        "exact prefix covers the shared spans"
+    )
+    assert engine.plan(layout, start, end).reason == "no base KV"
+    _observe(engine, layout, seed=1)
+    assert engine.plan(layout, start, end).reason == "warm-up"  # one anchor per pool
+    _observe(engine, _layout(contents[2], contents[3]), seed=2)
+    other_following = PromptLayout.of(
+        (*layout.tokens[:-1], 99), layout.spans
+    )  # same contents, the segment after the last span differs
+    assert engine.plan(other_following, start, end).reason == "following segment unseen"
+    assert isinstance(engine.plan(layout, start, end), Reuse)
+
+
+def test_planned_kv_is_the_estimate_of_each_span_and_its_following_segment():
+    engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
+    contents = _contents(8)
+    for i in range(3):
+        _observe(engine, _layout(contents[2 * i], contents[2 * i + 1]), seed=10 + i)
+    layout = _layout(contents[0], contents[3])  # both contents have bases, in a new pairing
+    end = len(layout.tokens) - 1
+    plan = engine.plan(layout, layout.spans[0][0] + 1, end)  # exact match ends inside span 0
+    assert isinstance(plan, Reuse) and (plan.start, plan.end) == (layout.spans[0][0], end)
+    pieces = []
+    for j, (s, _) in enumerate(layout.spans):
+        est = estimate(
+            engine.bases.get(layout.content(j)),
+            s,
+            list(engine.anchors.get(layout.slot_key(j))),
+            layout.following(j),
+            ROPE,
+        )
+        pieces += [est.content, est.following]
+    want_k = torch.cat([p.k for p in pieces], 1)[:, : end - plan.start]
+    want_v = torch.cat([p.v for p in pieces], 1)[:, : end - plan.start]
+    torch.testing.assert_close(plan.kv.k, want_k)
+    torch.testing.assert_close(plan.kv.v, want_v)
+
+    # an exact match past span 0 (inside the segment after it) restarts at span 0; inside span 1
+    # it restarts at span 1
+    assert engine.plan(layout, layout.spans[0][1] + 1, end).start == layout.spans[0][0]
+    assert engine.plan(layout, layout.spans[1][0] + 1, end).start == layout.spans[1][0]
+
+
+def test_commit_activates_the_top_anchors():
+    engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
+    contents = _contents(6)
+    for i in range(2):
+        _observe(engine, _layout(contents[2 * i], contents[2 * i + 1]), seed=20 + i)
+    plan = engine.plan(_layout(contents[0], contents[3]), len(PREFIX), 20)
+    engine.commit(plan)
+    for decision in plan.decisions:
+        assert decision.activated and all(a.activations == 1 for a in decision.activated)
+
+
+def test_memory_bound_holds_and_keeps_the_newest():
+    one_prompt = KVComm(ROPE)
+    contents = _contents(12)
+    _observe(one_prompt, _layout(contents[0], contents[1]), seed=0)
+    budget = int(2.5 * one_prompt.nbytes)
+    engine = KVComm(ROPE, ReuseConfig(max_bytes=budget))
+    for i in range(6):
+        _observe(engine, _layout(contents[2 * i], contents[2 * i + 1]), seed=30 + i)
+        assert engine.nbytes <= budget
+    assert engine.bases.get(contents[11]) is not None
+    assert 0 < engine.anchors.num_anchors < 12
+    assert engine.nbytes == engine.report()["base_bytes"] + engine.report()["anchor_bytes"]
+
+
+def test_base_store_drops_the_least_recently_used_unprotected_base():
+    store = BaseStore()
+    for i in range(3):
+        store.put((i,), _kv(1, seed=i))
+    store.get((0,))  # order now 1, 2, 0
+    protected = store.get((1,))  # order 2, 0, 1
+    assert store.pop_oldest(keep=lambda base: base is protected) is not None
+    assert (2,) not in store and (0,) in store and (1,) in store
+    assert store.pop_oldest(keep=lambda base: True) is None
+
+
+def test_output_base_is_keyed_by_its_tokens_in_the_position_0_frame():
+    engine = KVComm(ROPE)
+    kv = _kv(5, seed=3)
+    engine.observe_output((5, 6, 7, 8, 9), kv, position=40)
+    base = engine.bases.get((5, 6, 7, 8, 9))
+    torch.testing.assert_close(rotate(base.k, 40, ROPE), kv.k, rtol=1e-5, atol=1e-5)
+    assert engine.bases.get((5, 6, 7, 8)) is None
+    engine.clear()
+    assert engine.nbytes == 0 and engine.report()["bases"] == 0
+
+
+def test_reuse_on_smollm2_is_close_to_dense_prefill(hf_models):
+    from sglang_kvcomm.assets.datasets import gsm8k
+
+    model = hf_models("smollm2")
+    enc = model.encode
+    neutral, agent = enc("Here is a problem.\n"), enc("You are an inspector. Check this problem:\n")
+    following = enc("\nYour answer:")
+    questions = [enc(p.question) for p in gsm8k(limit=6)]
+    newest = min(range(len(questions)), key=lambda i: len(questions[i]))
+    engine = KVComm(model.rope)
+
+    def dense(prefix: list[int], content: list[int]) -> tuple[PromptLayout, KV]:
+        layout = PromptLayout.of(
+            (*prefix, *content, *following), [(len(prefix), len(prefix) + len(content))]
+        )
+        return layout, model.prefill(list(layout.tokens)).kv
+
+    for i, question in enumerate(questions):
+        for prefix in (neutral, agent) if i != newest else (neutral,):
+            layout, kv = dense(prefix, question)
+            engine.observe_prefill(layout, lambda a, b, kv=kv: kv.tokens(slice(a, b)))
+
+    layout, truth = dense(agent, questions[newest])
+    end = len(layout.tokens) - 1
+    plan = engine.plan(layout, len(agent), end)
+    assert isinstance(plan, Reuse), plan
+    truth = truth.tokens(slice(plan.start, end))
+    torch.testing.assert_close(plan.kv.k[0], truth.k[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plan.kv.v[0], truth.v[0], rtol=1e-4, atol=1e-4)
+
+    def err(kv: KV) -> float:
+        return float((kv.k[1:] - truth.k[1:]).norm() / truth.k[1:].norm())
+
+    base = engine.bases.get(tuple(questions[newest]))
+    naive = KV(torch.cat([base.k, plan.kv.k[:, base.num_tokens :]], 1), plan.kv.v)  # unrotated
+    assert err(plan.kv) < 0.5 * err(naive)
+    assert engine.plan(layout, len(agent) - 1, end) == Fallback(
+        "prefix not cached", f"exact match {len(agent) - 1} < first shared span at {len(agent)}"
+    )
