@@ -87,25 +87,32 @@ def main(argv: list[str] | None = None) -> int:
         t_mine = ms([c.meta["client_ttft_s"] for c in mine])
         t_hit = ms([c.meta["client_ttft_s"] for c in hits])
         t_hit_dense = ms([dense[id(c)].meta["client_ttft_s"] for c in hits])
+        overhead = statistics.fmean([c.kvcomm["overhead_ms"] for c in hits]) if hits else "-"
         agree = [agreement(c.output_ids, dense[id(c)].output_ids) for c in hits]
         same = [extract_number(c.text) == extract_number(dense[id(c)].text) for c in hits]
         rows.append([
             agent, len(mine), t_base, t_mine, t_base / t_mine, f"{len(hits)}/{len(mine)}",
             t_hit_dense if hits else "-", t_hit if hits else "-",
-            t_hit_dense / t_hit if hits else "-",
+            t_hit_dense / t_hit if hits else "-", overhead,
             statistics.fmean(agree) if hits else "-",
             f"{sum(same)}/{len(same)}" if hits else "-",
         ])  # fmt: skip
     print()
     print(format_table(
         ["agent", "calls", "TTFT radix ms", "TTFT KVCOMM ms", "speedup", "reused",
-         "reused: dense ms", "reused: KVCOMM ms", "reused speedup", "agree@32", "same answer"],
+         "reused: dense ms", "reused: KVCOMM ms", "reused speedup", "estimate ms", "agree@32",
+         "same answer"],
         rows,
     ))  # fmt: skip
+    approx = [c for c in reused if c.mode == "approx"]
     print()
     print(
-        f"KVCOMM: requests {stats['requests']}, reuse rate {stats['reuse_rate']:.2f} "
-        f"(decision agent runs exact), fallbacks {stats['fallbacks']}, tokens estimated "
+        f"KVCOMM program: {len(dense)} of {len(reused)} calls reused ({len(dense)} of "
+        f"{len(approx)} approx calls; the decision agent runs exact)"
+    )
+    print(
+        f"server (program + dense replays): requests {stats['requests']}, fallbacks "
+        f"{stats['fallbacks']}, tokens estimated "
         f"{stats['tokens_estimated']}, prefilled {stats['tokens_prefilled']}, anchors "
         f"{stats['anchors']} ({stats['anchor_bytes'] / 2**20:.0f} MiB), bases {stats['bases']} "
         f"({stats['base_bytes'] / 2**20:.0f} MiB)"

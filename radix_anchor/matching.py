@@ -36,7 +36,8 @@ def following_weights(
     """query ``[L, T, H, D]``, anchors ``[L, >=T, H, D]`` each -> weights ``[N, L, H, D]``."""
 
     def distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(q - a[:, a.shape[1] - q.shape[1] :], dim=1)
+        # square-sum-sqrt: 5x faster on CPU than linalg.vector_norm over a strided middle dim
+        return (q - a[:, a.shape[1] - q.shape[1] :]).square().sum(dim=1).sqrt()
 
     return _weights(query, anchors, distance, tau, top_k)
 
@@ -68,9 +69,8 @@ def _softmax_over_anchors(logits: torch.Tensor, top_k: int | None) -> torch.Tens
 def blend(weights: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_n weights[n] * tensors[n] in float32, tensors ``[L, T, H, D]``; weights ``[N, T]``
     (per token, broadcast over layers, heads, channels) or ``[N, L, H, D]`` (over tokens)."""
-    stacked = torch.stack([t.float() for t in tensors])  # [N, L, T, H, D]
-    if weights.dim() == 2:
-        w = weights[:, None, :, None, None]
-    else:
-        w = weights[:, :, None, :, :]
-    return (w * stacked).sum(dim=0)
+    w = weights[:, None, :, None, None] if weights.dim() == 2 else weights[:, :, None, :, :]
+    out = w[0] * tensors[0].float()
+    for n in range(1, len(tensors)):  # accumulate: no [N, L, T, H, D] intermediate
+        out += w[n] * tensors[n].float()
+    return out

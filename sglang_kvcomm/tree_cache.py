@@ -17,6 +17,7 @@ SGLang-side details and why they hold: ``docs/reuse-path.md``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,7 @@ class KVCommRadixCache(RadixCache):
     def _decide(
         self, req: Req, state: _RequestState, exact: MatchResult, limit: int
     ) -> MatchResult:
+        started = time.perf_counter()
         request = state.request
         exact_len = len(exact.device_indices)
         if request.mode == "off":
@@ -116,20 +118,22 @@ class KVCommRadixCache(RadixCache):
             )
             outcome = self.kvcomm.plan(layout, exact_len, min(limit, len(layout.tokens)))
         if isinstance(outcome, Fallback):
-            self._record(req, state, "dense", exact_len, outcome)
+            self._record(req, state, "dense", exact_len, outcome, started=started)
             return exact
 
         reuse = outcome
         slots = self._alloc(reuse.kv.num_tokens, exact)
         if slots is None:
-            self._record(req, state, "dense", exact_len, Fallback("KV pool full"))
+            self._record(req, state, "dense", exact_len, Fallback("KV pool full"), started=started)
             return exact
         self.kv_pool.write(slots, reuse.kv)
         self.kvcomm.commit(reuse)
         state.slots, state.start = slots, reuse.start
         req.skip_radix_cache_insert = True
         self._pending[req.rid] = req
-        self._record(req, state, "reuse", reuse.start, None, estimated=reuse.kv.num_tokens)
+        self._record(
+            req, state, "reuse", reuse.start, None, estimated=reuse.kv.num_tokens, started=started
+        )
         return self._with_estimate(exact, state)
 
     def _reuse_again(self, req: Req, state: _RequestState, exact: MatchResult) -> MatchResult:
@@ -248,6 +252,7 @@ class KVCommRadixCache(RadixCache):
         exact: int,
         fallback: Fallback | None,
         estimated: int = 0,
+        started: float | None = None,
     ) -> None:
         prompt = len(req.origin_input_ids)
         state.report = {
@@ -258,6 +263,8 @@ class KVCommRadixCache(RadixCache):
             "tokens_estimated": estimated,
             "tokens_prefilled": prompt - exact - estimated,
             "agent": state.request.agent,
+            # host time of the decision (plan, estimate, pool write as launched)
+            "overhead_ms": 0.0 if started is None else 1000 * (time.perf_counter() - started),
         }
         req.customized_info = {**(req.customized_info or {}), META_KEY: [state.report]}
         if state.counted:
