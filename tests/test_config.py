@@ -62,6 +62,7 @@ def test_without_kvcomm_nothing_changes():
         (["--kvcomm", "--kvcomm-max-anchors", "1"], "--kvcomm-max-anchors"),
         (["--kvcomm", "--kvcomm-window", "0"], "--kvcomm-window"),
         (["--kvcomm", "--kvcomm-max-anchors", "4", "--kvcomm-window", "5"], "--kvcomm-window"),
+        (["--kvcomm", "--kvcomm-max-memory-mb", "0"], "--kvcomm-max-memory-mb"),
         (["--kvcomm-threshold", "0.5"], "--kvcomm-threshold"),  # option without --kvcomm
         (["--kvcomm", "--disable-radix-cache"], "--disable-radix-cache"),
         (["--kvcomm", "--radix-cache-backend", "other"], "--radix-cache-backend"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kvcomm_frontend.agents import agent_message, extract_number
+from kvcomm_frontend.markup import parse
 
 
 @pytest.mark.parametrize(
@@ -20,7 +21,14 @@ def test_extract_number(text, number):
     assert extract_number(text) == number
 
 
-def test_agent_message_lists_previous_answers_in_order():
-    text = agent_message("What is 1+1?", [("Math Solver", "2"), ("Inspector", "It is 2")])
-    assert text.index("Problem: What is 1+1?") < text.index("Math Solver") < text.index("Inspector")
-    assert text.endswith("Your answer:")
+def test_agent_message_quotes_question_and_answers_as_shared_in_order():
+    text = agent_message(" What is 1+1? ", [("Math Solver", "2"), ("Inspector", " It is 2")])
+    markup = parse(text)
+    assert [piece for piece, is_shared in markup.pieces if is_shared] == [
+        "What is 1+1?",  # the question is stripped
+        "2",
+        " It is 2",  # answers are quoted verbatim: their ids are the model's
+    ]
+    plain = markup.text
+    assert plain.index("Problem: What") < plain.index("Math Solver") < plain.index("Inspector")
+    assert plain.endswith("Your answer:")

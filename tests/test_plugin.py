@@ -42,5 +42,11 @@ print(sorted(o for o in options if o.startswith("--kvcomm")))
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == str(
-        ["--kvcomm", "--kvcomm-max-anchors", "--kvcomm-threshold", "--kvcomm-window"]
+        [
+            "--kvcomm",
+            "--kvcomm-max-anchors",
+            "--kvcomm-max-memory-mb",
+            "--kvcomm-threshold",
+            "--kvcomm-window",
+        ]
     )
