@@ -42,6 +42,34 @@ class Estimate:
     following: KV  # at positions start + T .. start + T + S - 1
 
 
+@dataclass(eq=False)
+class Recipe:
+    """What an estimate is made of, before any arithmetic on KV: the torch ``apply`` below and
+    the fused kernels (``kvcomm_kernels``) both execute it.
+
+    content (T tokens) = base + sum_n wk[n, t] * offsets[n][:, t] (layers >= 1; layer 0 = base);
+    following (S tokens) = sum_n fk[n, l, h, d] * follows[n][l, s, h, d] (every layer; layer 0's
+    weights are one-hot on ``follows[0]``, whose layer 0 is exact). Keys get the RoPE shift to
+    their positions after the blend (rotation is linear). V likewise with wv / fv, unrotated.
+    """
+
+    base: KV  # [L, T, H, D], position-0 frame
+    offsets: list[KV]  # anchors' placeholder offsets, [L, >=T, H, D] each (empty: none)
+    wk: torch.Tensor | None  # [N, T] float32
+    wv: torch.Tensor | None
+    follows: list[KV]  # [L, S, H, D] each, position-0 frame
+    fk: torch.Tensor  # [N', L, H, D] float32
+    fv: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.base.num_tokens
+
+    @property
+    def following_length(self) -> int:
+        return self.follows[0].num_tokens
+
+
 def estimate(
     base: KV,
     start: int,
@@ -58,39 +86,63 @@ def estimate(
     context (e.g. the template); needed when following offsets are off or in authors' mode.
     Raises ValueError when no anchor matches and no ``following_base`` is given.
     """
-    length = base.num_tokens
-    usable = covering(anchors, length)
-    following_ids = tuple(following_ids)
-    with_following = [a for a in usable if a.following_ids == following_ids]
     if options.authors_code:
+        usable = covering(anchors, base.num_tokens)
+        with_following = [a for a in usable if a.following_ids == tuple(following_ids)]
         return _estimate_authors_code(
             base, start, usable, with_following, rope, options, following_base
         )
+    return apply(weigh(base, anchors, following_ids, options, following_base), start, rope)
 
-    content_k, content_v = base.k.float(), base.v.float()
+
+def weigh(
+    base: KV,
+    anchors: Sequence[Anchor],
+    following_ids: Sequence[int],
+    options: EstimateOptions = EstimateOptions(),  # noqa: B008 (frozen, immutable default)
+    following_base: KV | None = None,
+) -> Recipe:
+    """Choose the anchors and their weights for ``base``'s content (see ``estimate``)."""
+    length = base.num_tokens
+    usable = covering(anchors, length)
+    with_following = [a for a in usable if a.following_ids == tuple(following_ids)]
+    offsets, wk, wv = [], None, None
     if options.placeholder_offset and usable:
+        offsets = [a.ph_offset for a in usable]
         wk = placeholder_weights(base.k, [a.base.k for a in usable], options.tau, options.top_k)
         wv = placeholder_weights(base.v, [a.base.v for a in usable], options.tau, options.top_k)
-        content_k = content_k + blend(wk, [a.ph_offset.k[:, :length] for a in usable])
-        content_v = content_v + blend(wv, [a.ph_offset.v[:, :length] for a in usable])
-        content_k[0], content_v[0] = base.k[0], base.v[0]
 
     if options.following_offset and with_following:
-        wk = following_weights(
-            base.k, [a.base.k for a in with_following], options.tau, options.top_k
-        )
-        wv = following_weights(
-            base.v, [a.base.v for a in with_following], options.tau, options.top_k
-        )
-        follow_k = blend(wk, [a.following.k for a in with_following])
-        follow_v = blend(wv, [a.following.v for a in with_following])
-        exact0 = following_base if following_base is not None else with_following[0].following
-        follow_k[0], follow_v[0] = exact0.k[0], exact0.v[0]
+        follows = [a.following for a in with_following]
+        fk = following_weights(base.k, [a.base.k for a in with_following], options.tau,
+                               options.top_k)  # fmt: skip
+        fv = following_weights(base.v, [a.base.v for a in with_following], options.tau,
+                               options.top_k)  # fmt: skip
+        if following_base is not None:  # its layer 0 is the exact one; it takes no other weight
+            follows = [following_base, *follows]
+            fk, fv = (torch.cat([torch.zeros_like(w[:1]), w]) for w in (fk, fv))
+        fk[:, 0], fv[:, 0] = 0.0, 0.0
+        fk[0, 0], fv[0, 0] = 1.0, 1.0
     elif following_base is not None:
-        follow_k, follow_v = following_base.k.float(), following_base.v.float()
+        follows = [following_base]
+        fk = torch.ones((1, *following_base.k.shape[:1], *following_base.k.shape[2:]))
+        fv = fk.clone()
     else:
         raise ValueError("no anchor has this following segment and no following_base was given")
+    return Recipe(base, offsets, wk, wv, follows, fk, fv)
 
+
+def apply(recipe: Recipe, start: int, rope: RopeSpec) -> Estimate:
+    """The torch reference of a recipe: the content at ``start ..``, the following segment
+    right after it."""
+    base, length = recipe.base, recipe.length
+    content_k, content_v = base.k.float(), base.v.float()
+    if recipe.offsets:
+        content_k = content_k + blend(recipe.wk, [o.k[:, :length] for o in recipe.offsets])
+        content_v = content_v + blend(recipe.wv, [o.v[:, :length] for o in recipe.offsets])
+        content_k[0], content_v[0] = base.k[0], base.v[0]
+    follow_k = blend(recipe.fk, [f.k for f in recipe.follows])
+    follow_v = blend(recipe.fv, [f.v for f in recipe.follows])
     dtype = base.k.dtype
     return Estimate(
         KV(rotate(content_k, start, rope).to(dtype), content_v.to(dtype)),

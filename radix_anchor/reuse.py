@@ -27,7 +27,7 @@ import torch
 
 from radix_anchor.anchor_pool import KV, Anchor, AnchorStore
 from radix_anchor.base_store import BaseStore
-from radix_anchor.estimate import EstimateOptions, estimate
+from radix_anchor.estimate import EstimateOptions, Recipe, apply, weigh
 from radix_anchor.gate import GateDecision, activate, decide
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.rope import RopeSpec, rotate
@@ -45,14 +45,35 @@ class ReuseConfig:
 
 
 @dataclass
+class Piece:
+    """One shared span of a reuse: its recipe, where its content starts, and how many of its
+    content and following tokens are written (all, unless the reuse ends inside them)."""
+
+    recipe: Recipe
+    position: int
+    content_tokens: int
+    following_tokens: int
+
+
+@dataclass
 class Reuse:
-    start: int  # the exact prefix is [0, start)
-    kv: KV  # estimated KV of tokens [start, start + kv.num_tokens), keys at those positions
+    start: int  # the exact prefix is [0, start); tokens [start, end) are estimated
+    end: int
+    pieces: list[Piece]  # in prompt order, covering [start, end)
     decisions: list[GateDecision]  # one per estimated span
 
     @property
-    def end(self) -> int:
-        return self.start + self.kv.num_tokens
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    def materialize(self, rope: RopeSpec) -> KV:
+        """The estimated KV of [start, end) by the torch reference (kernels write it in place)."""
+        parts = []
+        for piece in self.pieces:
+            est = apply(piece.recipe, piece.position, rope)
+            parts += [est.content.tokens(slice(0, piece.content_tokens)),
+                      est.following.tokens(slice(0, piece.following_tokens))]  # fmt: skip
+        return KV(torch.cat([p.k for p in parts], 1), torch.cat([p.v for p in parts], 1))
 
 
 @dataclass(frozen=True)
@@ -105,16 +126,17 @@ class KVComm:
                 return Fallback("following segment unseen", f"span {j}")
             chosen.append((j, base, decision))
 
-        pieces: list[KV] = []
+        pieces = []
         for j, base, decision in chosen:
-            est = estimate(
-                base, spans[j][0], decision.anchors, layout.following(j), self.rope,
-                self.config.estimate,
-            )  # fmt: skip
-            pieces += [est.content, est.following]
-        k = torch.cat([p.k for p in pieces], dim=1)[:, : end - start]
-        v = torch.cat([p.v for p in pieces], dim=1)[:, : end - start]
-        return Reuse(start, KV(k, v), [d for _, _, d in chosen])
+            following = layout.following(j)
+            nothing_after = None if following else KV(base.k[:, :0], base.v[:, :0])
+            recipe = weigh(base, decision.anchors, following, self.config.estimate, nothing_after)
+            span_start, span_end = spans[j]
+            pieces.append(Piece(
+                recipe, span_start, min(span_end, end) - span_start,
+                max(0, min(layout.following_end(j), end) - span_end),
+            ))  # fmt: skip
+        return Reuse(start, end, pieces, [d for _, _, d in chosen])
 
     def commit(self, reuse: Reuse) -> None:
         """The reuse was applied: its top anchors earn an activation (kept from eviction)."""

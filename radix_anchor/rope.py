@@ -104,6 +104,18 @@ def _llama3_scaled(inv_freq: torch.Tensor, params: Mapping, get: Any) -> torch.T
     return torch.where(medium, smoothed, scaled)
 
 
+def cos_sin(
+    delta: torch.Tensor | int,
+    spec: RopeSpec,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[D/2]`` (int delta) or ``[T, D/2]`` (``[T]`` deltas) of the shift, from
+    float64 angles: what every rotation (torch or kernel) multiplies by."""
+    angles = spec.angles(torch.as_tensor(delta, device=device))
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate(keys: torch.Tensor, delta: torch.Tensor | int, spec: RopeSpec) -> torch.Tensor:
     """Keys ``[..., T, H, D]`` moved by ``delta`` positions (an int, or ``[T]`` per token).
 
@@ -114,11 +126,10 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor | int, spec: RopeSpec) -> tor
     delta = torch.as_tensor(delta, device=keys.device)
     if delta.dim() == 1 and delta.numel() != keys.shape[-3]:
         raise ValueError(f"{delta.numel()} deltas for {keys.shape[-3]} tokens")
-    angles = spec.angles(delta)  # [D/2] or [T, D/2]
-    if angles.dim() == 2:
-        angles = angles[:, None, :]  # broadcast over heads
     compute = torch.promote_types(keys.dtype, torch.float32)
-    cos, sin = angles.cos().to(compute), angles.sin().to(compute)
+    cos, sin = cos_sin(delta, spec, keys.device, compute)  # [D/2] or [T, D/2]
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     x = keys.to(compute)
     half = spec.head_dim // 2
     if spec.layout == "neox":

@@ -1,14 +1,18 @@
-"""Reading and writing token rows of SGLang's KV pool as ``radix_anchor`` KV tensors.
+"""SGLang's KV pool seen by the extension: rows read as ``radix_anchor`` KV, planned reuses
+written in place, both through ``kvcomm_kernels`` (Triton on CUDA, the torch reference on CPU).
 
-The one place that knows the pool layout (``MHATokenToKVPool``: per layer a ``[slots, kv_heads,
-head_dim]`` buffer for K and for V). This torch loop is the hot path the kernels replace.
+The one place that knows the pool object (``MHATokenToKVPool``: per layer a ``[slots, kv_heads,
+head_dim]`` buffer for K and for V).
 """
 
 from __future__ import annotations
 
 import torch
 
+import kvcomm_kernels
 from radix_anchor.anchor_pool import KV
+from radix_anchor.reuse import Reuse
+from radix_anchor.rope import RopeSpec
 
 
 class UnsupportedPoolError(ValueError):
@@ -37,17 +41,17 @@ class PoolKV:
 
     def read(self, slots: torch.Tensor) -> KV:
         """KV of ``slots`` (int64 on the pool's device), ``[layers, tokens, kv_heads, dim]``."""
-        return KV(
-            torch.stack([buf[slots] for buf in self.k_buffer]),
-            torch.stack([buf[slots] for buf in self.v_buffer]),
-        )
+        return kvcomm_kernels.gather(self.k_buffer, self.v_buffer, slots)
 
-    def write(self, slots: torch.Tensor, kv: KV) -> None:
-        if kv.k.shape[0] != self.num_layers or kv.num_tokens != slots.numel():
-            raise ValueError(
-                f"KV {tuple(kv.k.shape)} does not fit {self.num_layers} layers x {slots.numel()} "
-                "slots"
-            )
-        for layer, (k_buf, v_buf) in enumerate(zip(self.k_buffer, self.v_buffer, strict=True)):
-            k_buf[slots] = kv.k[layer].to(k_buf.dtype)
-            v_buf[slots] = kv.v[layer].to(v_buf.dtype)
+    def write(self, reuse: Reuse, slots: torch.Tensor, rope: RopeSpec) -> None:
+        """Write a planned reuse into ``slots`` (one per estimated token, in prompt order)."""
+        if slots.numel() != reuse.num_tokens:
+            raise ValueError(f"{slots.numel()} slots for {reuse.num_tokens} estimated tokens")
+        for piece in reuse.pieces:
+            at = piece.position - reuse.start
+            after = at + piece.recipe.length
+            kvcomm_kernels.write_recipe(
+                self.k_buffer, self.v_buffer, piece.recipe, piece.position,
+                slots[at : at + piece.content_tokens],
+                slots[after : after + piece.following_tokens], rope,
+            )  # fmt: skip

@@ -122,17 +122,17 @@ class KVCommRadixCache(RadixCache):
             return exact
 
         reuse = outcome
-        slots = self._alloc(reuse.kv.num_tokens, exact)
+        slots = self._alloc(reuse.num_tokens, exact)
         if slots is None:
             self._record(req, state, "dense", exact_len, Fallback("KV pool full"), started=started)
             return exact
-        self.kv_pool.write(slots, reuse.kv)
+        self.kv_pool.write(reuse, slots, self.kvcomm_rope)
         self.kvcomm.commit(reuse)
         state.slots, state.start = slots, reuse.start
         req.skip_radix_cache_insert = True
         self._pending[req.rid] = req
         self._record(
-            req, state, "reuse", reuse.start, None, estimated=reuse.kv.num_tokens, started=started
+            req, state, "reuse", reuse.start, None, estimated=reuse.num_tokens, started=started
         )
         return self._with_estimate(exact, state)
 

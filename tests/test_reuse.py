@@ -102,8 +102,9 @@ def test_planned_kv_is_the_estimate_of_each_span_and_its_following_segment():
         pieces += [est.content, est.following]
     want_k = torch.cat([p.k for p in pieces], 1)[:, : end - plan.start]
     want_v = torch.cat([p.v for p in pieces], 1)[:, : end - plan.start]
-    torch.testing.assert_close(plan.kv.k, want_k)
-    torch.testing.assert_close(plan.kv.v, want_v)
+    got = plan.materialize(ROPE)
+    torch.testing.assert_close(got.k, want_k)
+    torch.testing.assert_close(got.v, want_v)
 
     # an exact match past span 0 (inside the segment after it) restarts at span 0; inside span 1
     # it restarts at span 1
@@ -185,15 +186,16 @@ def test_reuse_on_smollm2_is_close_to_dense_prefill(hf_models):
     plan = engine.plan(layout, len(agent), end)
     assert isinstance(plan, Reuse), plan
     truth = truth.tokens(slice(plan.start, end))
-    torch.testing.assert_close(plan.kv.k[0], truth.k[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(plan.kv.v[0], truth.v[0], rtol=1e-4, atol=1e-4)
+    got = plan.materialize(model.rope)
+    torch.testing.assert_close(got.k[0], truth.k[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.v[0], truth.v[0], rtol=1e-4, atol=1e-4)
 
     def err(kv: KV) -> float:
         return float((kv.k[1:] - truth.k[1:]).norm() / truth.k[1:].norm())
 
     base = engine.bases.get(tuple(questions[newest]))
-    naive = KV(torch.cat([base.k, plan.kv.k[:, base.num_tokens :]], 1), plan.kv.v)  # unrotated
-    assert err(plan.kv) < 0.5 * err(naive)
+    naive = KV(torch.cat([base.k, got.k[:, base.num_tokens :]], 1), got.v)  # unrotated
+    assert err(got) < 0.5 * err(naive)
     assert engine.plan(layout, len(agent) - 1, end) == Fallback(
         "prefix not cached", f"exact match {len(agent) - 1} < first shared span at {len(agent)}"
     )

@@ -1,0 +1,244 @@
+"""Triton kernels of the reuse path, on SGLang's pool layout (per layer ``[slots, heads, dim]``,
+one allocation per layer, reached through a table of per-layer base addresses).
+
+- ``write_content``: base + weighted placeholder offsets (layers >= 1), RoPE shift to the
+  content's positions, scattered into pool slots; all layers and heads in one launch.
+- ``write_following``: per-channel weighted blend of the anchors' following segments, shifted,
+  scattered; one launch.
+- ``gather``: pool rows of all layers into a contiguous ``[L, T, H, D]`` copy, keys shifted
+  (de-rotated when capturing base KV and anchors); one launch.
+
+fp32 accumulation; bf16, fp16 and fp32 pools. cos/sin come precomputed in fp32 from float64
+angles (``radix_anchor.rope.cos_sin``), so kernel and torch reference rotate by the same numbers.
+Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+BLOCK_T = 16
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"KV dtype {dtype} is not supported (float32, bfloat16, float16)")
+    return _TL_DTYPES[dtype]
+
+
+def address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+@triton.jit
+def _channel_pairs(HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Channel indices of the two halves of each rotated pair."""
+    c = tl.arange(0, HALF)
+    if INTERLEAVED:
+        return 2 * c, 2 * c + 1
+    return c, c + HALF
+
+
+@triton.jit
+def _rotate_store(ptr, rows, x1, x2, cos, sin, c1, c2, mask, ROTATE: tl.constexpr):
+    if ROTATE:
+        y1 = x1 * cos - x2 * sin
+        y2 = x2 * cos + x1 * sin
+    else:
+        y1 = x1
+        y2 = x2
+    m = mask[:, None]
+    tl.store(ptr + rows[:, None] + c1[None, :], y1.to(ptr.dtype.element_ty), mask=m)
+    tl.store(ptr + rows[:, None] + c2[None, :], y2.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _content_kernel(
+    base_k, base_v, off_k_tab, off_v_tab, off_layer_stride, wk, wv, cos, sin, slots,
+    pool_k_tab, pool_v_tab,
+    n_tokens, base_tokens, n_anchors, w_stride,
+    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid_t, layer, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    mask = t < n_tokens
+    m = mask[:, None]
+    c1, c2 = _channel_pairs(HALF, INTERLEAVED)
+    src = (layer * base_tokens + t) * HEADS * DIM + head * DIM  # row offsets, [L, T, H, D]
+    k1 = tl.load(base_k + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    k2 = tl.load(base_k + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    v1 = tl.load(base_v + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    v2 = tl.load(base_v + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    if layer > 0:  # layer 0 depends on token and position only: the rotated base is exact
+        for n in range(n_anchors):
+            ok = tl.load(off_k_tab + n).to(tl.pointer_type(DT))
+            ov = tl.load(off_v_tab + n).to(tl.pointer_type(DT))
+            row = layer * tl.load(off_layer_stride + n) + (t * HEADS + head) * DIM
+            a = tl.load(wk + n * w_stride + t, mask=mask, other=0.0)[:, None]
+            b = tl.load(wv + n * w_stride + t, mask=mask, other=0.0)[:, None]
+            k1 += a * tl.load(ok + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+            k2 += a * tl.load(ok + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+            v1 += b * tl.load(ov + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+            v2 += b * tl.load(ov + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    c = tl.load(cos + cs, mask=m, other=1.0)
+    s = tl.load(sin + cs, mask=m, other=0.0)
+    dst = tl.load(slots + t, mask=mask, other=0) * HEADS * DIM + head * DIM
+    pk = tl.load(pool_k_tab + layer).to(tl.pointer_type(DT))
+    pv = tl.load(pool_v_tab + layer).to(tl.pointer_type(DT))
+    _rotate_store(pk, dst, k1, k2, c, s, c1, c2, mask, True)
+    _rotate_store(pv, dst, v1, v2, c, s, c1, c2, mask, False)
+
+
+@triton.jit
+def _following_kernel(
+    fol_k_tab, fol_v_tab, fk, fv, cos, sin, slots, pool_k_tab, pool_v_tab,
+    n_tokens, fol_tokens, n_sources, n_layers,
+    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid_t, layer, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    mask = t < n_tokens
+    m = mask[:, None]
+    c1, c2 = _channel_pairs(HALF, INTERLEAVED)
+    k1 = tl.zeros((BLOCK, HALF), tl.float32)
+    k2 = tl.zeros((BLOCK, HALF), tl.float32)
+    v1 = tl.zeros((BLOCK, HALF), tl.float32)
+    v2 = tl.zeros((BLOCK, HALF), tl.float32)
+    row = ((layer * fol_tokens + t) * HEADS + head) * DIM
+    for n in range(n_sources):
+        fkp = tl.load(fol_k_tab + n).to(tl.pointer_type(DT))
+        fvp = tl.load(fol_v_tab + n).to(tl.pointer_type(DT))
+        w = ((n * n_layers + layer) * HEADS + head) * DIM  # weights [N, L, H, D]
+        a1 = tl.load(fk + w + c1)[None, :]
+        a2 = tl.load(fk + w + c2)[None, :]
+        b1 = tl.load(fv + w + c1)[None, :]
+        b2 = tl.load(fv + w + c2)[None, :]
+        k1 += a1 * tl.load(fkp + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+        k2 += a2 * tl.load(fkp + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+        v1 += b1 * tl.load(fvp + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+        v2 += b2 * tl.load(fvp + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    c = tl.load(cos + cs, mask=m, other=1.0)
+    s = tl.load(sin + cs, mask=m, other=0.0)
+    dst = tl.load(slots + t, mask=mask, other=0) * HEADS * DIM + head * DIM
+    pk = tl.load(pool_k_tab + layer).to(tl.pointer_type(DT))
+    pv = tl.load(pool_v_tab + layer).to(tl.pointer_type(DT))
+    _rotate_store(pk, dst, k1, k2, c, s, c1, c2, mask, True)
+    _rotate_store(pv, dst, v1, v2, c, s, c1, c2, mask, False)
+
+
+@triton.jit
+def _gather_kernel(
+    pool_k_tab, pool_v_tab, slots, cos, sin, out_k, out_v, n_tokens,
+    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid_t, layer, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    mask = t < n_tokens
+    m = mask[:, None]
+    c1, c2 = _channel_pairs(HALF, INTERLEAVED)
+    src = tl.load(slots + t, mask=mask, other=0) * HEADS * DIM + head * DIM
+    pk = tl.load(pool_k_tab + layer).to(tl.pointer_type(DT))
+    pv = tl.load(pool_v_tab + layer).to(tl.pointer_type(DT))
+    k1 = tl.load(pk + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    k2 = tl.load(pk + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    v1 = tl.load(pv + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    v2 = tl.load(pv + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    c = tl.load(cos + cs, mask=m, other=1.0)
+    s = tl.load(sin + cs, mask=m, other=0.0)
+    dst = ((layer * n_tokens + t) * HEADS + head) * DIM
+    _rotate_store(out_k, dst, k1, k2, c, s, c1, c2, mask, True)
+    _rotate_store(out_v, dst, v1, v2, c, s, c1, c2, mask, False)
+
+
+def write_content(
+    pool_k: list[torch.Tensor],
+    pool_v: list[torch.Tensor],
+    slots: torch.Tensor,
+    base_k: torch.Tensor,
+    base_v: torch.Tensor,
+    offsets_k: list[torch.Tensor],
+    offsets_v: list[torch.Tensor],
+    wk: torch.Tensor | None,
+    wv: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+) -> None:
+    """Write ``len(slots)`` content tokens (the first of ``base``) into the pool."""
+    layers, base_tokens, heads, dim = base_k.shape
+    n, device = len(offsets_k), slots.device
+    slots = slots.to(torch.int64).contiguous()
+    if n == 0:  # no placeholder offset: one zero-weight dummy keeps one code path
+        offsets_k, offsets_v = [base_k], [base_v]
+        wk = wv = torch.zeros((1, base_tokens), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
+    _content_kernel[grid](
+        base_k, base_v, address_table(offsets_k, device), address_table(offsets_v, device),
+        torch.tensor([o.stride(0) for o in offsets_k], dtype=torch.int64, device=device),
+        wk.contiguous(), wv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
+        address_table(pool_k, device), address_table(pool_v, device),
+        slots.numel(), base_tokens, max(n, 1), wk.stride(0),
+        HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(base_k.dtype),
+        INTERLEAVED=interleaved, BLOCK=BLOCK_T,
+    )  # fmt: skip
+
+
+def write_following(
+    pool_k: list[torch.Tensor],
+    pool_v: list[torch.Tensor],
+    slots: torch.Tensor,
+    follows_k: list[torch.Tensor],
+    follows_v: list[torch.Tensor],
+    fk: torch.Tensor,
+    fv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+) -> None:
+    """Write ``len(slots)`` following tokens (the first of each source) into the pool."""
+    layers, fol_tokens, heads, dim = follows_k[0].shape
+    device = slots.device
+    slots = slots.to(torch.int64).contiguous()
+    grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
+    _following_kernel[grid](
+        address_table(follows_k, device), address_table(follows_v, device),
+        fk.contiguous(), fv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
+        address_table(pool_k, device), address_table(pool_v, device),
+        slots.numel(), fol_tokens, len(follows_k), layers,
+        HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(follows_k[0].dtype),
+        INTERLEAVED=interleaved, BLOCK=BLOCK_T,
+    )  # fmt: skip
+
+
+def gather(
+    pool_k: list[torch.Tensor],
+    pool_v: list[torch.Tensor],
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool rows of ``slots`` over all layers, ``[L, T, H, D]``, keys shifted by cos/sin."""
+    layers = len(pool_k)
+    _, heads, dim = pool_k[0].shape
+    slots = slots.to(torch.int64).contiguous()
+    shape = (layers, slots.numel(), heads, dim)
+    out_k = torch.empty(shape, dtype=pool_k[0].dtype, device=slots.device)
+    out_v = torch.empty_like(out_k)
+    grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
+    _gather_kernel[grid](
+        address_table(pool_k, slots.device), address_table(pool_v, slots.device), slots,
+        cos.contiguous(), sin.contiguous(), out_k, out_v, slots.numel(),
+        HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(out_k.dtype),
+        INTERLEAVED=interleaved, BLOCK=BLOCK_T,
+    )  # fmt: skip
+    return out_k, out_v

@@ -1,0 +1,183 @@
+"""The Triton kernels against the torch reference, on CPU under ``TRITON_INTERPRET=1``.
+
+Fresh random inputs every run; destination pools are poisoned (NaN) before the launch and every
+written row is checked, every other row left untouched; odd lengths, shuffled non-contiguous
+slot indices, both RoPE layouts, fp32 / bf16 / fp16 pools, GQA shapes of SmolLM2, Qwen2-0.5B
+and Llama-3-8B. The reference itself is checked against float64 in ``test_estimate.py`` /
+``test_rope.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import kvcomm_kernels
+from radix_anchor.anchor_pool import KV
+from radix_anchor.estimate import Recipe, apply
+from radix_anchor.rope import RopeSpec, rotate
+
+# (layers, kv heads, head dim): SmolLM2-135M, Qwen2-0.5B, Llama-3-8B (layers cut to keep the
+# interpreter fast where noted: the layer loop is the same code for every layer >= 1)
+SHAPES = {"smollm2": (30, 3, 64), "qwen2-0.5b": (24, 2, 64), "llama3-8b": (4, 8, 128)}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+POOL_SLOTS = 97
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_triton():
+    """Triton on CPU tensors: the interpreter must be on when the kernels are defined."""
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", kvcomm_kernels.ENV_VAR)}
+    os.environ["TRITON_INTERPRET"] = "1"
+    from kvcomm_kernels import triton_ops
+
+    importlib.reload(triton_ops)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    importlib.reload(triton_ops)
+
+
+def _use(backend: str) -> None:
+    os.environ[kvcomm_kernels.ENV_VAR] = backend
+
+
+def _pool(shape, dtype):
+    layers, heads, dim = shape
+    nan = float("nan")
+    return (
+        [torch.full((POOL_SLOTS, heads, dim), nan, dtype=dtype) for _ in range(layers)],
+        [torch.full((POOL_SLOTS, heads, dim), nan, dtype=dtype) for _ in range(layers)],
+    )
+
+
+def _kv(layers, tokens, heads, dim, dtype) -> KV:
+    return KV(torch.randn(layers, tokens, heads, dim).to(dtype),
+              torch.randn(layers, tokens, heads, dim).to(dtype))  # fmt: skip
+
+
+def _recipe(shape, dtype, tokens, following, anchors) -> Recipe:
+    layers, heads, dim = shape
+    offsets = [_kv(layers, tokens + extra, heads, dim, dtype) for extra in range(anchors)]
+    follows = [_kv(layers, following, heads, dim, dtype) for _ in range(max(anchors, 1))]
+    wk = torch.softmax(torch.randn(anchors, tokens), 0) if anchors else None
+    wv = torch.softmax(torch.randn(anchors, tokens), 0) if anchors else None
+    fk = torch.softmax(torch.randn(len(follows), layers, heads, dim), 0)
+    fv = torch.softmax(torch.randn(len(follows), layers, heads, dim), 0)
+    return Recipe(_kv(layers, tokens, heads, dim, dtype), offsets, wk, wv, follows, fk, fv)
+
+
+def _slots(n: int, taken: torch.Tensor | None = None) -> torch.Tensor:
+    free = torch.randperm(POOL_SLOTS)
+    if taken is not None:
+        free = free[~torch.isin(free, taken)]
+    return free[: 2 * n : 2]  # shuffled, a strided (non-contiguous) view
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["neox", "interleaved"])
+def test_write_recipe_matches_the_reference(model, dtype, layout):
+    shape = SHAPES[model]
+    rope = RopeSpec.from_theta(shape[2], 5e5, layout)
+    tokens, following, position = 23, 5, 1234  # odd lengths, a far position
+    recipe = _recipe(shape, dtype, tokens, following, anchors=3)
+    content = _slots(tokens)
+    fol = _slots(following - 1, taken=content)  # the last following token is cut off
+    assert not content.is_contiguous() or content.numel() == 1
+    pools = {}
+    for backend in ("torch", "triton"):
+        _use(backend)
+        pools[backend] = _pool(shape, dtype)
+        kvcomm_kernels.write_recipe(*pools[backend], recipe, position, content, fol, rope)
+    written = torch.cat([content, fol])
+    untouched = torch.ones(POOL_SLOTS, dtype=torch.bool)
+    untouched[written] = False
+    for want, got in zip(pools["torch"], pools["triton"], strict=True):  # K layers, V layers
+        for w, g in zip(want, got, strict=True):
+            assert not g[written].isnan().any()  # every destination row fully written
+            assert g[untouched].isnan().all()  # nothing else touched
+            torch.testing.assert_close(g[written].float(), w[written].float(),
+                                       rtol=TOL[dtype], atol=TOL[dtype])  # fmt: skip
+
+
+def test_write_recipe_without_placeholder_offsets_is_the_rotated_base():
+    shape, dtype = SHAPES["smollm2"], torch.float32
+    rope = RopeSpec.from_theta(shape[2], 1e4)
+    recipe = _recipe(shape, dtype, tokens=9, following=3, anchors=0)
+    content = _slots(9)
+    _use("triton")
+    pool_k, pool_v = _pool(shape, dtype)
+    kvcomm_kernels.write_recipe(pool_k, pool_v, recipe, 40, content, content[:0], rope)
+    want = rotate(recipe.base.k, 40, rope)
+    for layer in range(shape[0]):
+        torch.testing.assert_close(pool_k[layer][content], want[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pool_v[layer][content], recipe.base.v[layer])
+    assert apply(recipe, 40, rope).content.k.shape == recipe.base.k.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shift", [0, -517])
+def test_gather_matches_the_reference(dtype, shift):
+    shape = SHAPES["qwen2-0.5b"]
+    rope = RopeSpec.from_theta(shape[2], 1e6)
+    pool_k = [torch.randn(POOL_SLOTS, *shape[1:]).to(dtype) for _ in range(shape[0])]
+    pool_v = [torch.randn(POOL_SLOTS, *shape[1:]).to(dtype) for _ in range(shape[0])]
+    slots = _slots(31)
+    got = {}
+    for backend in ("torch", "triton"):
+        _use(backend)
+        got[backend] = kvcomm_kernels.gather(pool_k, pool_v, slots, shift, rope)
+    torch.testing.assert_close(got["triton"].k.float(), got["torch"].k.float(),
+                               rtol=TOL[dtype], atol=TOL[dtype])  # fmt: skip
+    torch.testing.assert_close(got["triton"].v, got["torch"].v)
+
+
+def test_unknown_backend_is_refused():
+    _use("cuda-magic")
+    with pytest.raises(ValueError, match="KVCOMM_KERNELS"):
+        kvcomm_kernels.backend_for(torch.device("cpu"))
+    _use("auto")
+    assert kvcomm_kernels.backend_for(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pool_write_of_a_planned_reuse_is_its_materialized_kv(backend):
+    from types import SimpleNamespace
+
+    from radix_anchor.prompt import PromptLayout
+    from radix_anchor.reuse import KVComm, ReuseConfig
+    from sglang_kvcomm.kv_pool import PoolKV
+
+    layers, heads, dim = SHAPES["qwen2-0.5b"]
+    rope = RopeSpec.from_theta(dim, 1e6)
+    engine = KVComm(rope, ReuseConfig(gamma=1.0))
+    prefix, between, tail = (1, 2, 3), (4, 5), (6, 7, 8)
+
+    def layout(a: int, b: int) -> PromptLayout:
+        first, second = tuple(range(100 + a, 107 + a)), tuple(range(300 + b, 305 + b))
+        tokens = (*prefix, *first, *between, *second, *tail)
+        return PromptLayout.of(tokens, [(3, 10), (12, 17)])
+
+    for i in range(3):
+        measured = _kv(layers, 20, heads, dim, torch.float32)
+        engine.observe_prefill(
+            layout(10 * i, 10 * i), lambda a, b, m=measured: m.tokens(slice(a, b))
+        )
+    reuse = engine.plan(layout(0, 20), exact_len=3, end=19)  # new pairing; the last token left
+    _use(backend)
+    pool = PoolKV(SimpleNamespace(*(), **dict(zip(("k_buffer", "v_buffer"),
+                  _pool((layers, heads, dim), torch.float32), strict=True)),
+                  dtype=torch.float32, store_dtype=torch.float32))  # fmt: skip
+    slots = _slots(reuse.num_tokens)
+    pool.write(reuse, slots, rope)
+    want = reuse.materialize(rope)
+    got = pool.read(slots)
+    torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
