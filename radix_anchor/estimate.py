@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from radix_anchor.anchor_pool import KV, Anchor, covering
-from radix_anchor.matching import blend, following_weights, placeholder_weights
+from radix_anchor.matching import (
+    Distances,
+    anchor_distances,
+    blend,
+    following_weights,
+    placeholder_weights,
+    softmax_weights,
+)
 from radix_anchor.rope import RopeSpec, rotate
 
 
@@ -101,23 +108,29 @@ def weigh(
     following_ids: Sequence[int],
     options: EstimateOptions = EstimateOptions(),  # noqa: B008 (frozen, immutable default)
     following_base: KV | None = None,
+    distances: Distances | None = None,
 ) -> Recipe:
-    """Choose the anchors and their weights for ``base``'s content (see ``estimate``)."""
+    """Choose the anchors and their weights for ``base``'s content (see ``estimate``).
+
+    ``distances``: to the anchors that cover the content, in order, if already computed."""
     length = base.num_tokens
     usable = covering(anchors, length)
-    with_following = [a for a in usable if a.following_ids == tuple(following_ids)]
+    following_ids = tuple(following_ids)
+    with_following = [i for i, a in enumerate(usable) if a.following_ids == following_ids]
+    if usable and (options.placeholder_offset or with_following) and distances is None:
+        distances = anchor_distances(base, [a.base for a in usable])
+    tau, top_k = options.tau, options.top_k
     offsets, wk, wv = [], None, None
     if options.placeholder_offset and usable:
         offsets = [a.ph_offset for a in usable]
-        wk = placeholder_weights(base.k, [a.base.k for a in usable], options.tau, options.top_k)
-        wv = placeholder_weights(base.v, [a.base.v for a in usable], options.tau, options.top_k)
+        wk = softmax_weights(distances.placeholder_k, tau, top_k)
+        wv = softmax_weights(distances.placeholder_v, tau, top_k)
 
     if options.following_offset and with_following:
-        follows = [a.following for a in with_following]
-        fk = following_weights(base.k, [a.base.k for a in with_following], options.tau,
-                               options.top_k)  # fmt: skip
-        fv = following_weights(base.v, [a.base.v for a in with_following], options.tau,
-                               options.top_k)  # fmt: skip
+        follows = [usable[i].following for i in with_following]
+        chosen = distances.rows(with_following)
+        fk = softmax_weights(chosen.following_k, tau, top_k)
+        fv = softmax_weights(chosen.following_v, tau, top_k)
         if following_base is not None:  # its layer 0 is the exact one; it takes no other weight
             follows = [following_base, *follows]
             fk, fv = (torch.cat([torch.zeros_like(w[:1]), w]) for w in (fk, fv))

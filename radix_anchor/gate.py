@@ -37,8 +37,11 @@ def decide(
     tau: float = 1.0,
     top_p: float = 0.9,
     min_anchors: int = 2,
+    distances: torch.Tensor | None = None,
 ) -> GateDecision:
-    """``values``: the content's base V ``[L, T, H, D]``; ``anchors``: the pool's anchors.
+    """``values``: the content's base V ``[L, T, H, D]``; ``anchors``: the pool's anchors;
+    ``distances``: ``||V - V_n[:T]||`` over the anchors that cover the content, if already
+    computed (``matching.Distances.values``).
 
     Pure: activation counts are bumped by ``activate``."""
     length = values.shape[1]
@@ -46,10 +49,12 @@ def decide(
     if len(compatible) < min_anchors:
         reason = f"warm-up: {len(compatible)} anchor(s) cover {length} tokens, need {min_anchors}"
         return GateDecision(False, reason, anchors=compatible)
-    v = values.float()
-    dist = torch.stack(
-        [torch.linalg.vector_norm(v - a.base.v[:, :length].float()) for a in compatible]
-    )
+    if distances is None:
+        v = values.float()
+        distances = torch.stack(
+            [(v - a.base.v[:, :length].float()).square().sum().sqrt() for a in compatible]
+        )
+    dist = distances.float().cpu()  # the decision is made on the host
     probs = torch.softmax(-dist / tau, dim=0)
     entropy = float(-(probs * torch.log2(probs.clamp_min(1e-45))).sum())
     limit = gamma * math.log2(len(compatible))

@@ -10,36 +10,79 @@ softmax over anchors of minus the distance over a temperature, in float32:
   the anchor cut to its last T tokens (end-aligned: the tokens next to the following segment).
 
 ``top_k`` keeps the k closest anchors at each position (default: all, as the paper).
+
+``anchor_distances`` computes every distance the gate and both weights need in one call: the
+torch reference of the fused kernel in ``kvcomm_kernels``, which an engine may pass instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from radix_anchor.anchor_pool import KV
+
+
+@dataclass
+class Distances:
+    """A content's base KV against N anchors' base KV, float32."""
+
+    placeholder_k: torch.Tensor  # [N, T] mean |K - K_n| over layers, heads, channels
+    placeholder_v: torch.Tensor  # [N, T]
+    following_k: torch.Tensor  # [N, L, H, D] L2 over tokens, end-aligned
+    following_v: torch.Tensor  # [N, L, H, D]
+    values: torch.Tensor  # [N] Frobenius ||V - V_n[:T]|| (the entropy gate's)
+
+    def rows(self, index: list[int]) -> Distances:
+        i = torch.tensor(index, dtype=torch.long, device=self.values.device)
+        return Distances(*(t.index_select(0, i) for t in (
+            self.placeholder_k, self.placeholder_v, self.following_k, self.following_v,
+            self.values)))  # fmt: skip
+
+
+def anchor_distances(query: KV, anchors: Sequence[KV]) -> Distances:
+    """Every distance of ``query`` ``[L, T, H, D]`` to anchors ``[L, >=T, H, D]``."""
+    qk, qv = query.k.float(), query.v.float()
+    ak, av = [a.k.float() for a in anchors], [a.v.float() for a in anchors]
+    return Distances(
+        torch.stack([_placeholder_distance(qk, a) for a in ak]),
+        torch.stack([_placeholder_distance(qv, a) for a in av]),
+        torch.stack([_following_distance(qk, a) for a in ak]),
+        torch.stack([_following_distance(qv, a) for a in av]),
+        torch.stack([(qv - a[:, : qv.shape[1]]).square().sum().sqrt() for a in av]),
+    )
+
+
+def softmax_weights(
+    distances: torch.Tensor, tau: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
+    """softmax over anchors (dim 0) of -distance / tau."""
+    return _softmax_over_anchors(-distances.float() / tau, top_k)
+
+
+def _placeholder_distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return (q - a[:, : q.shape[1]]).abs().mean(dim=(0, 2, 3))
+
+
+def _following_distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    # square-sum-sqrt: 5x faster on CPU than linalg.vector_norm over a strided middle dim
+    return (q - a[:, a.shape[1] - q.shape[1] :]).square().sum(dim=1).sqrt()
 
 
 def placeholder_weights(
     query: torch.Tensor, anchors: Sequence[torch.Tensor], tau: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
     """query ``[L, T, H, D]``, anchors ``[L, >=T, H, D]`` each -> weights ``[N, T]``."""
-
-    def distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return (q - a[:, : q.shape[1]]).abs().mean(dim=(0, 2, 3))
-
-    return _weights(query, anchors, distance, tau, top_k)
+    return _weights(query, anchors, _placeholder_distance, tau, top_k)
 
 
 def following_weights(
     query: torch.Tensor, anchors: Sequence[torch.Tensor], tau: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
     """query ``[L, T, H, D]``, anchors ``[L, >=T, H, D]`` each -> weights ``[N, L, H, D]``."""
-
-    def distance(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # square-sum-sqrt: 5x faster on CPU than linalg.vector_norm over a strided middle dim
-        return (q - a[:, a.shape[1] - q.shape[1] :]).square().sum(dim=1).sqrt()
-
-    return _weights(query, anchors, distance, tau, top_k)
+    return _weights(query, anchors, _following_distance, tau, top_k)
 
 
 def _weights(
@@ -53,8 +96,7 @@ def _weights(
     if not anchors:
         raise ValueError("no anchors to weight")
     q = query.float()
-    dist = torch.stack([distance(q, a.float()) for a in anchors])
-    return _softmax_over_anchors(-dist / tau, top_k)
+    return softmax_weights(torch.stack([distance(q, a.float()) for a in anchors]), tau, top_k)
 
 
 def _softmax_over_anchors(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:

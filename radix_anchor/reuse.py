@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radix_anchor.anchor_pool import KV, Anchor, AnchorStore
+from radix_anchor.anchor_pool import KV, Anchor, AnchorStore, covering
 from radix_anchor.base_store import BaseStore
 from radix_anchor.estimate import EstimateOptions, Recipe, apply, weigh
 from radix_anchor.gate import GateDecision, activate, decide
+from radix_anchor.matching import Distances, anchor_distances
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.rope import RopeSpec, rotate
 
@@ -82,10 +83,22 @@ class Fallback:
     detail: str = ""
 
 
+DistanceFn = Callable[[KV, list[KV]], Distances]
+
+
 class KVComm:
-    def __init__(self, rope: RopeSpec, config: ReuseConfig = ReuseConfig()) -> None:  # noqa: B008
+    """``distances``: computes a content's distances to anchors (``matching.anchor_distances``
+    or a fused kernel with the same semantics)."""
+
+    def __init__(
+        self,
+        rope: RopeSpec,
+        config: ReuseConfig = ReuseConfig(),  # noqa: B008 (frozen)
+        distances: DistanceFn = anchor_distances,
+    ) -> None:
         self.rope = rope
         self.config = config
+        self.distances = distances
         self.bases = BaseStore()
         self.anchors = AnchorStore(config.max_anchors, config.window)
 
@@ -110,33 +123,37 @@ class KVComm:
         if end <= start:
             return Fallback("nothing to estimate", f"end {end} <= start {start}")
 
-        chosen: list[tuple[int, KV, GateDecision]] = []
+        chosen: list[tuple[int, KV, GateDecision, Distances]] = []
         for j in range(first, len(spans)):
             if spans[j][0] >= end:
                 break
             base = self.bases.get(layout.content(j))
             if base is None:
                 return Fallback("no base KV", f"span {j} {spans[j]}")
-            pool = self.anchors.get(layout.slot_key(j))
-            decision = decide(base.v, list(pool or ()), self.config.gamma)
+            usable = covering(self.anchors.get(layout.slot_key(j)) or (), base.num_tokens)
+            following = layout.following(j)
+            if following and len(usable) >= 2:
+                if not any(a.following_ids == following for a in usable):
+                    return Fallback("following segment unseen", f"span {j}")
+            dist = self.distances(base, [a.base for a in usable]) if len(usable) >= 2 else None
+            decision = decide(base.v, usable, self.config.gamma,
+                              distances=None if dist is None else dist.values)  # fmt: skip
             if not decision.shareable:
                 return Fallback(decision.reason.split(":")[0], f"span {j}: {decision.reason}")
-            following = layout.following(j)
-            if following and not any(a.following_ids == following for a in decision.anchors):
-                return Fallback("following segment unseen", f"span {j}")
-            chosen.append((j, base, decision))
+            chosen.append((j, base, decision, dist))
 
         pieces = []
-        for j, base, decision in chosen:
+        for j, base, decision, dist in chosen:
             following = layout.following(j)
             nothing_after = None if following else KV(base.k[:, :0], base.v[:, :0])
-            recipe = weigh(base, decision.anchors, following, self.config.estimate, nothing_after)
+            recipe = weigh(base, decision.anchors, following, self.config.estimate, nothing_after,
+                           dist)  # fmt: skip
             span_start, span_end = spans[j]
             pieces.append(Piece(
                 recipe, span_start, min(span_end, end) - span_start,
                 max(0, min(layout.following_end(j), end) - span_end),
             ))  # fmt: skip
-        return Reuse(start, end, pieces, [d for _, _, d in chosen])
+        return Reuse(start, end, pieces, [d for _, _, d, _ in chosen])
 
     def commit(self, reuse: Reuse) -> None:
         """The reuse was applied: its top anchors earn an activation (kept from eviction)."""

@@ -77,7 +77,15 @@ class RopeSpec:
 
     def angles(self, delta: torch.Tensor) -> torch.Tensor:
         """[..., D/2] float64 angles for position deltas of any integer shape."""
-        return delta.to(torch.float64)[..., None] * self.inv_freq.to(delta.device)
+        return delta.to(torch.float64)[..., None] * self._inv_freq_on(delta.device)
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The frequencies on ``device``, copied there once (a copy per call would synchronize
+        the GPU on every rotation)."""
+        copies = self.__dict__.setdefault("_copies", {})  # frozen: cache beside the fields
+        if device not in copies:
+            copies[device] = self.inv_freq.to(device)
+        return copies[device]
 
 
 def _refuse_sliding_window(get: Any) -> None:

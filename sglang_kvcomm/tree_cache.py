@@ -27,6 +27,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParam
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+import kvcomm_kernels
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import Fallback, KVComm, ReuseConfig
 from radix_anchor.rope import RopeSpec
@@ -69,17 +70,21 @@ class KVCommRadixCache(RadixCache):
                 window=config.window,
                 max_bytes=config.max_memory_mb << 20,
             ),
+            distances=kvcomm_kernels.anchor_distances,
         )
         self.kv_pool = PoolKV(self.token_to_kv_pool_allocator.get_kvcache())
+        on_cuda = torch.device(self.device).type == "cuda"
+        self.tail_tokens = config.tail_tokens or (4 if on_cuda else 1)
         self.kvcomm_stats = KVCommStats()
         self._pending: dict[str, Req] = {}  # requests holding estimated slots, not yet admitted
         logger.info(
             "KVCOMM tree cache: threshold(gamma)=%s max_anchors(V)=%s window(W)=%s "
-            "max_memory=%dMiB rope=%s/%d layers=%d",
+            "max_memory=%dMiB tail_tokens=%d rope=%s/%d layers=%d",
             config.threshold,
             config.max_anchors,
             config.window,
             config.max_memory_mb,
+            self.tail_tokens,
             rope.layout,
             rope.head_dim,
             self.kv_pool.num_layers,
@@ -116,7 +121,8 @@ class KVCommRadixCache(RadixCache):
             layout = PromptLayout.of(
                 req.origin_input_ids, [(s.start, s.end) for s in request.segments]
             )
-            outcome = self.kvcomm.plan(layout, exact_len, min(limit, len(layout.tokens)))
+            end = min(limit, len(layout.tokens) - self.tail_tokens)
+            outcome = self.kvcomm.plan(layout, exact_len, end)
         if isinstance(outcome, Fallback):
             self._record(req, state, "dense", exact_len, outcome, started=started)
             return exact
@@ -289,6 +295,7 @@ class KVCommRadixCache(RadixCache):
             "rope": {"layout": self.kvcomm_rope.layout, "head_dim": self.kvcomm_rope.head_dim},
             **self.kvcomm_stats.as_dict(),
             **self.kvcomm.report(),
+            "tail_tokens": self.tail_tokens,
             "pending_estimates": len(self._pending),
             "kv_pool": {  # token slots: available + evictable + protected + in use by requests
                 "available": int(self.token_to_kv_pool_allocator.available_size()),

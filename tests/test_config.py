@@ -63,6 +63,7 @@ def test_without_kvcomm_nothing_changes():
         (["--kvcomm", "--kvcomm-window", "0"], "--kvcomm-window"),
         (["--kvcomm", "--kvcomm-max-anchors", "4", "--kvcomm-window", "5"], "--kvcomm-window"),
         (["--kvcomm", "--kvcomm-max-memory-mb", "0"], "--kvcomm-max-memory-mb"),
+        (["--kvcomm", "--kvcomm-tail-tokens", "0"], "--kvcomm-tail-tokens"),
         (["--kvcomm-threshold", "0.5"], "--kvcomm-threshold"),  # option without --kvcomm
         (["--kvcomm", "--disable-radix-cache"], "--disable-radix-cache"),
         (["--kvcomm", "--radix-cache-backend", "other"], "--radix-cache-backend"),

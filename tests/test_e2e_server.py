@@ -32,10 +32,12 @@ def test_stats_report_the_configuration_the_scheduler_received(servers):
         "max_anchors": 8,
         "window": 3,
         "max_memory_mb": 1024,
+        "tail_tokens": None,
     }
     assert stats["rope"] == {"layout": "neox", "head_dim": 64}  # checked against the model
     assert set(stats["requests"]) == {"reuse", "dense", "off"}
     assert stats["max_bytes"] == 1024 << 20
+    assert stats["tail_tokens"] == 1  # CPU: no prefill CUDA graphs to feed
     info = requests.get(servers["kvcomm"].url + "/server_info", timeout=30).json()
     assert info["radix_cache_backend"] == "kvcomm"
     assert "KVCOMM tree cache: threshold(gamma)=0.5 max_anchors(V)=8 window(W)=3" in (

@@ -181,3 +181,18 @@ def test_pool_write_of_a_planned_reuse_is_its_materialized_kv(backend):
     got = pool.read(slots)
     torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_anchor_distances_match_the_reference(dtype):
+    from radix_anchor.matching import anchor_distances
+
+    layers, heads, dim = SHAPES["llama3-8b"]
+    query = _kv(layers, 19, heads, dim, dtype)
+    anchors = [_kv(layers, 19 + extra, heads, dim, dtype) for extra in (0, 3, 8)]
+    _use("triton")
+    got = kvcomm_kernels.anchor_distances(query, anchors)
+    want = anchor_distances(query, anchors)
+    for name in ("placeholder_k", "placeholder_v", "following_k", "following_v", "values"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4,
+                                   msg=name)  # fmt: skip

@@ -46,6 +46,7 @@ print(sorted(o for o in options if o.startswith("--kvcomm")))
             "--kvcomm",
             "--kvcomm-max-anchors",
             "--kvcomm-max-memory-mb",
+            "--kvcomm-tail-tokens",
             "--kvcomm-threshold",
             "--kvcomm-window",
         ]

@@ -3,7 +3,8 @@ PyPI), with one entry point per operation and a dispatch between implementations
 
 - ``write_recipe``: execute a ``radix_anchor.estimate.Recipe`` straight into KV-pool slots
   (blend offsets, shift keys, scatter), all layers at once;
-- ``gather``: KV-pool rows of all layers as a ``[L, T, H, D]`` copy, keys optionally shifted.
+- ``gather``: KV-pool rows of all layers as a ``[L, T, H, D]`` copy, keys optionally shifted;
+- ``anchor_distances``: every distance the gate and the weights need, for all anchors at once.
 
 ``KVCOMM_KERNELS`` picks the implementation: ``auto`` (default: Triton for CUDA tensors, the
 torch reference otherwise), ``torch``, or ``triton`` (also on CPU tensors under
@@ -18,8 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
+from radix_anchor import matching
 from radix_anchor.anchor_pool import KV
 from radix_anchor.estimate import Recipe, apply
+from radix_anchor.matching import Distances
 from radix_anchor.rope import RopeSpec, cos_sin, rotate
 
 ENV_VAR = "KVCOMM_KERNELS"
@@ -62,19 +65,32 @@ def write_recipe(
     device = content_slots.device
     base = recipe.base
     if n_content:
-        cos, sin = cos_sin(torch.full((n_content,), position), rope, device)
+        cos, sin = cos_sin(torch.full((n_content,), position, device=device), rope, device)
         triton_ops.write_content(
             list(pool_k), list(pool_v), content_slots, base.k.contiguous(), base.v.contiguous(),
             [o.k.contiguous() for o in recipe.offsets], [o.v.contiguous() for o in recipe.offsets],
             recipe.wk, recipe.wv, cos, sin, interleaved,
         )  # fmt: skip
     if n_following:
-        cos, sin = cos_sin(torch.full((n_following,), position + recipe.length), rope, device)
+        shift = torch.full((n_following,), position + recipe.length, device=device)
+        cos, sin = cos_sin(shift, rope, device)
         triton_ops.write_following(
             list(pool_k), list(pool_v), following_slots,
             [f.k.contiguous() for f in recipe.follows], [f.v.contiguous() for f in recipe.follows],
             recipe.fk.to(device), recipe.fv.to(device), cos, sin, interleaved,
         )  # fmt: skip
+
+
+def anchor_distances(query: KV, anchors: list[KV]) -> Distances:
+    """``radix_anchor.matching.anchor_distances``, fused: two launches for all anchors."""
+    if backend_for(query.k.device) == "torch" or not anchors:
+        return matching.anchor_distances(query, anchors)
+    from kvcomm_kernels import triton_ops
+
+    return Distances(*triton_ops.anchor_distances(
+        query.k.contiguous(), query.v.contiguous(),
+        [a.k.contiguous() for a in anchors], [a.v.contiguous() for a in anchors],
+    ))  # fmt: skip
 
 
 def gather(
@@ -96,7 +112,8 @@ def gather(
 
     half = pool_k[0].shape[-1] // 2
     if shift:
-        cos, sin = cos_sin(torch.full((slots.numel(),), shift), rope, slots.device)
+        shifts = torch.full((slots.numel(),), shift, device=slots.device)
+        cos, sin = cos_sin(shifts, rope, slots.device)
     else:
         cos = torch.ones((slots.numel(), half), device=slots.device)
         sin = torch.zeros_like(cos)

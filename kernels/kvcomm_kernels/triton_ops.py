@@ -15,6 +15,8 @@ Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the tests).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,8 +31,26 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return _TL_DTYPES[dtype]
 
 
+def int64_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 table on ``device`` without a synchronizing copy (pinned, async)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    return int64_on([t.data_ptr() for t in tensors], device)
+
+
+@functools.lru_cache(maxsize=8)
+def _pool_table(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return int64_on(list(addresses), device)
+
+
+def pool_table(buffers: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per-layer base addresses of a KV pool: fixed for the pool's life, built once."""
+    return _pool_table(tuple(b.data_ptr() for b in buffers), device)
 
 
 @triton.jit
@@ -183,9 +203,9 @@ def write_content(
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _content_kernel[grid](
         base_k, base_v, address_table(offsets_k, device), address_table(offsets_v, device),
-        torch.tensor([o.stride(0) for o in offsets_k], dtype=torch.int64, device=device),
+        int64_on([o.stride(0) for o in offsets_k], device),
         wk.contiguous(), wv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
-        address_table(pool_k, device), address_table(pool_v, device),
+        pool_table(pool_k, device), pool_table(pool_v, device),
         slots.numel(), base_tokens, max(n, 1), wk.stride(0),
         HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(base_k.dtype),
         INTERLEAVED=interleaved, BLOCK=BLOCK_T,
@@ -212,7 +232,7 @@ def write_following(
     _following_kernel[grid](
         address_table(follows_k, device), address_table(follows_v, device),
         fk.contiguous(), fv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
-        address_table(pool_k, device), address_table(pool_v, device),
+        pool_table(pool_k, device), pool_table(pool_v, device),
         slots.numel(), fol_tokens, len(follows_k), layers,
         HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(follows_k[0].dtype),
         INTERLEAVED=interleaved, BLOCK=BLOCK_T,
@@ -236,9 +256,101 @@ def gather(
     out_v = torch.empty_like(out_k)
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _gather_kernel[grid](
-        address_table(pool_k, slots.device), address_table(pool_v, slots.device), slots,
+        pool_table(pool_k, slots.device), pool_table(pool_v, slots.device), slots,
         cos.contiguous(), sin.contiguous(), out_k, out_v, slots.numel(),
         HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(out_k.dtype),
         INTERLEAVED=interleaved, BLOCK=BLOCK_T,
     )  # fmt: skip
     return out_k, out_v
+
+
+@triton.jit
+def _start_aligned_distance_kernel(
+    q_k, q_v, a_k_tab, a_v_tab, a_tokens, ph_k, ph_v, value_sq, n_tokens, n_layers,
+    HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    n, pid_t = tl.program_id(0), tl.program_id(1)
+    t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    mask = t < n_tokens
+    m = mask[:, None]
+    d = tl.arange(0, DIM)[None, :]
+    ak = tl.load(a_k_tab + n).to(tl.pointer_type(DT))
+    av = tl.load(a_v_tab + n).to(tl.pointer_type(DT))
+    length = tl.load(a_tokens + n)
+    sum_k = tl.zeros((BLOCK,), tl.float32)
+    sum_v = tl.zeros((BLOCK,), tl.float32)
+    sq_v = tl.zeros((BLOCK,), tl.float32)
+    for lh in range(n_layers * HEADS):
+        layer, head = lh // HEADS, lh % HEADS
+        q_row = ((layer * n_tokens + t) * HEADS + head) * DIM
+        a_row = ((layer * length + t) * HEADS + head) * DIM
+        dk = tl.load(q_k + q_row[:, None] + d, mask=m, other=0.0).to(tl.float32) - tl.load(
+            ak + a_row[:, None] + d, mask=m, other=0.0).to(tl.float32)  # fmt: skip
+        dv = tl.load(q_v + q_row[:, None] + d, mask=m, other=0.0).to(tl.float32) - tl.load(
+            av + a_row[:, None] + d, mask=m, other=0.0).to(tl.float32)  # fmt: skip
+        sum_k += tl.sum(tl.abs(dk), axis=1)
+        sum_v += tl.sum(tl.abs(dv), axis=1)
+        sq_v += tl.sum(dv * dv, axis=1)
+    scale = 1.0 / (n_layers * HEADS * DIM)
+    tl.store(ph_k + n * n_tokens + t, sum_k * scale, mask=mask)
+    tl.store(ph_v + n * n_tokens + t, sum_v * scale, mask=mask)
+    tl.store(value_sq + n * n_tokens + t, sq_v, mask=mask)
+
+
+@triton.jit
+def _end_aligned_distance_kernel(
+    q_k, q_v, a_k_tab, a_v_tab, a_tokens, fol_k, fol_v, n_tokens,
+    HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    n, lh = tl.program_id(0), tl.program_id(1)
+    layer, head = lh // HEADS, lh % HEADS
+    d = tl.arange(0, DIM)
+    ak = tl.load(a_k_tab + n).to(tl.pointer_type(DT))
+    av = tl.load(a_v_tab + n).to(tl.pointer_type(DT))
+    length = tl.load(a_tokens + n)
+    shift = length - n_tokens  # end-aligned: the anchor's last T tokens
+    sq_k = tl.zeros((DIM,), tl.float32)
+    sq_v = tl.zeros((DIM,), tl.float32)
+    for t0 in range(0, n_tokens, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        m = (t < n_tokens)[:, None]
+        q_row = ((layer * n_tokens + t) * HEADS + head) * DIM
+        a_row = ((layer * length + shift + t) * HEADS + head) * DIM
+        dk = tl.load(q_k + q_row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32) - (
+            tl.load(ak + a_row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+        )
+        dv = tl.load(q_v + q_row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32) - (
+            tl.load(av + a_row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+        )
+        sq_k += tl.sum(dk * dk, axis=0)
+        sq_v += tl.sum(dv * dv, axis=0)
+    out = (n * tl.num_programs(1) + lh) * DIM + d  # [N, L, H, D]
+    tl.store(fol_k + out, tl.sqrt(sq_k))
+    tl.store(fol_v + out, tl.sqrt(sq_v))
+
+
+def anchor_distances(
+    q_k: torch.Tensor, q_v: torch.Tensor, anchors_k: list[torch.Tensor],
+    anchors_v: list[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Placeholder distances [N, T] (K, V), following distances [N, L, H, D] (K, V) and the
+    gate's ||V - V_n[:T]|| [N] of a content ``[L, T, H, D]`` to anchors ``[L, >=T, H, D]``."""
+    layers, tokens, heads, dim = q_k.shape
+    n, device = len(anchors_k), q_k.device
+    tables = address_table([*anchors_k, *anchors_v], device)
+    k_tab, v_tab = tables[:n], tables[n:]
+    lengths = int64_on([a.shape[1] for a in anchors_k], device)
+    ph_k = torch.empty((n, tokens), dtype=torch.float32, device=device)
+    ph_v, value_sq = torch.empty_like(ph_k), torch.empty_like(ph_k)
+    fol_k = torch.empty((n, layers, heads, dim), dtype=torch.float32, device=device)
+    fol_v = torch.empty_like(fol_k)
+    dt = tl_dtype(q_k.dtype)
+    _start_aligned_distance_kernel[(n, triton.cdiv(tokens, BLOCK_T))](
+        q_k, q_v, k_tab, v_tab, lengths, ph_k, ph_v, value_sq, tokens, layers,
+        HEADS=heads, DIM=dim, DT=dt, BLOCK=BLOCK_T,
+    )  # fmt: skip
+    _end_aligned_distance_kernel[(n, layers * heads)](
+        q_k, q_v, k_tab, v_tab, lengths, fol_k, fol_v, tokens,
+        HEADS=heads, DIM=dim, DT=dt, BLOCK=BLOCK_T,
+    )  # fmt: skip
+    return ph_k, ph_v, fol_k, fol_v, value_sq.sum(dim=1).sqrt()

@@ -1,0 +1,212 @@
+"""The reuse path's kernels against the GPU's copy bandwidth, measured side by side in one run.
+
+For Llama-3.1-8B shapes (32 layers, 8 KV heads, head_dim 128, bf16 pool) and spans of 256 to
+4096 tokens with 1 to 20 anchors, times ``kvcomm_kernels.write_recipe`` (content: base +
+weighted placeholder offsets, RoPE shift, scatter into shuffled pool slots, all layers) with the
+torch reference and with Triton, counts the bytes it must move (read base and N offsets, write
+the pool rows; K and V) and divides by time; the device-to-device copy bandwidth of the same GPU
+(``Tensor.copy_`` of 1 GiB) is measured in the same run as the bound. Then the full stitch of
+the paper's agent-5 prompt (512 fixed + 1024 input + 4 x 512 responses, ~3.6K tokens; gate,
+weights and writes through ``radix_anchor.reuse`` and ``PoolKV``), with each backend.
+
+    python benchmarks/kernel_bench.py [--out DIR] [--tokens 256 1024 4096] [--anchors 1 5 20]
+
+Needs CUDA (the numbers mean nothing on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import kvcomm_kernels
+from radix_anchor.anchor_pool import KV
+from radix_anchor.estimate import Recipe
+from radix_anchor.prompt import PromptLayout
+from radix_anchor.reuse import KVComm, Reuse, ReuseConfig
+from radix_anchor.rope import RopeSpec
+from sglang_kvcomm.kv_pool import PoolKV
+
+LAYERS, HEADS, DIM = 32, 8, 128
+ROPE = RopeSpec.from_hf_config({
+    "rope_theta": 500000.0, "hidden_size": 4096, "num_attention_heads": 32,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+})  # fmt: skip
+
+
+def cuda_ms(fn, repeat: int = 20) -> float:  # noqa: ANN001
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def copy_bandwidth(dtype: torch.dtype) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (read + write counted)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").view(dtype)
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def kv(tokens: int, dtype: torch.dtype) -> KV:
+    shape = (LAYERS, tokens, HEADS, DIM)
+    return KV(
+        torch.randn(shape, device="cuda").to(dtype), torch.randn(shape, device="cuda").to(dtype)
+    )
+
+
+def pool(slots: int, dtype: torch.dtype) -> SimpleNamespace:
+    bufs = [[torch.zeros(slots, HEADS, DIM, dtype=dtype, device="cuda") for _ in range(LAYERS)]
+            for _ in range(2)]  # fmt: skip
+    return SimpleNamespace(k_buffer=bufs[0], v_buffer=bufs[1], dtype=dtype, store_dtype=dtype)
+
+
+def content_recipe(tokens: int, anchors: int, dtype: torch.dtype) -> Recipe:
+    follows = [kv(1, dtype)]
+    w = torch.softmax(torch.randn(anchors, tokens, device="cuda"), 0)
+    fk = torch.ones(1, LAYERS, HEADS, DIM, device="cuda")
+    return Recipe(kv(tokens, dtype), [kv(tokens, dtype) for _ in range(anchors)], w, w.clone(),
+                  follows, fk, fk.clone())  # fmt: skip
+
+
+def backends(names: list[str]):  # noqa: ANN201
+    for name in names:
+        os.environ[kvcomm_kernels.ENV_VAR] = name
+        yield name
+
+
+def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayout]:
+    """A pool warmed with ``anchors`` dense observations of the agent-5 template, and a new
+    prompt whose contents all have base KV."""
+    fixed = [list(range(1, 513)), [7] * 8, [8] * 8, [9] * 8, [10] * 8, [11] * 16]
+    lengths = [1024, 512, 512, 512, 512]
+    engine = KVComm(ROPE, ReuseConfig(gamma=1.0, max_anchors=max(anchors, 2),
+                                      max_bytes=1 << 40))  # fmt: skip
+
+    def prompt(seed: int) -> PromptLayout:
+        tokens, spans = list(fixed[0]), []
+        for i, n in enumerate(lengths):
+            first = 100_000 * (i + 1) + 10_000 * seed
+            spans.append((len(tokens), len(tokens) + n))
+            tokens += list(range(first, first + n)) + fixed[i + 1]
+        return PromptLayout.of(tokens, spans)
+
+    for seed in range(anchors):
+        layout = prompt(seed)
+        measured = kv(len(layout.tokens), dtype)
+        engine.observe_prefill(layout, lambda a, b, m=measured: m.tokens(slice(a, b)))
+    new = prompt(anchors + 1)
+    for j, (start, end) in enumerate(new.spans):
+        engine.observe_output(new.content(j), kv(end - start, dtype), start)
+    return engine, new
+
+
+def sweep_apply(
+    token_counts: list[int], anchor_counts: list[int], names: list[str], dtype: torch.dtype,
+    bound: float,
+) -> list[dict]:  # fmt: skip
+    target = pool(max(token_counts) * 3, dtype)
+    rows = []
+    for tokens in token_counts:
+        slots = torch.randperm(target.k_buffer[0].shape[0], device="cuda")[:tokens]
+        for anchors in anchor_counts:
+            recipe = content_recipe(tokens, anchors, dtype)
+            moved = (anchors + 2) * 2 * LAYERS * tokens * HEADS * DIM * 2  # read base+N, write
+
+            def run(r: Recipe = recipe, s: torch.Tensor = slots) -> None:
+                kvcomm_kernels.write_recipe(
+                    target.k_buffer, target.v_buffer, r, 4000, s, s[:0], ROPE
+                )
+
+            for name in backends(names):
+                ms = cuda_ms(run)
+                gbs = moved / ms / 1e6
+                rows.append({"tokens": tokens, "anchors": anchors, "backend": name, "ms": ms,
+                             "GB/s": gbs, "of copy bw": gbs / bound})  # fmt: skip
+                print(f"T={tokens:5d} N={anchors:2d} {name:7s} {ms:8.3f} ms {gbs:7.0f} GB/s "
+                      f"{gbs / bound:6.1%} of copy", flush=True)  # fmt: skip
+    return rows
+
+
+def stitch_agent5(
+    anchors: int, names: list[str], dtype: torch.dtype, profile: bool = False
+) -> list[dict]:
+    engine, layout = agent5_engine(dtype, anchors)
+    kv_pool = PoolKV(pool(8192, dtype))
+    end = len(layout.tokens) - 1
+    slots = torch.randperm(8192, device="cuda")[: end - layout.spans[0][0]]
+
+    def full() -> Reuse:
+        plan = engine.plan(layout, layout.spans[0][0], end)
+        kv_pool.write(plan, slots, ROPE)
+        return plan
+
+    stitch = []
+    for name in backends(names):
+        plan = full()
+        ms_full = cuda_ms(full, repeat=10)
+        ms_write = cuda_ms(lambda p=plan: kv_pool.write(p, slots, ROPE), repeat=10)
+        if profile:
+            import cProfile
+            import pstats
+
+            with cProfile.Profile() as prof:
+                for _ in range(5):
+                    full()
+                torch.cuda.synchronize()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        stitch.append({"backend": name, "prompt tokens": len(layout.tokens),
+                       "estimated tokens": plan.num_tokens, "anchors": anchors,
+                       "plan+write ms": ms_full, "write ms": ms_write})  # fmt: skip
+        print(f"agent-5 stitch ({len(layout.tokens)} tokens, {plan.num_tokens} estimated, "
+              f"{anchors} anchors) {name}: plan+write {ms_full:.2f} ms, write "
+              f"{ms_write:.2f} ms", flush=True)  # fmt: skip
+    return stitch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="folder for results.json")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--anchors", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--agent5-anchors", type=int, default=5)
+    parser.add_argument("--backends", nargs="+", default=["torch", "triton"])
+    parser.add_argument("--profile", action="store_true", help="cProfile the agent-5 plan")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_bench needs a CUDA device", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16
+    bound = copy_bandwidth(dtype)
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {bound:.0f} GB/s", flush=True)
+    rows = sweep_apply(args.tokens, args.anchors, args.backends, dtype, bound)
+    stitch = stitch_agent5(args.agent5_anchors, args.backends, dtype, args.profile)
+    result = {"device": torch.cuda.get_device_name(), "copy GB/s": bound, "apply": rows,
+              "agent5": stitch, "torch": torch.__version__}  # fmt: skip
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "kernel_bench.json").write_text(json.dumps(result, indent=1))
+    print("\ntokens  anchors  backend     ms   GB/s  of copy bw")
+    for r in rows:
+        print(f"{r['tokens']:6d}  {r['anchors']:7d}  {r['backend']:7s} {r['ms']:6.3f} "
+              f"{r['GB/s']:6.0f}  {r['of copy bw']:9.1%}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
