@@ -95,8 +95,8 @@ def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayou
     prompt whose contents all have base KV."""
     fixed = [list(range(1, 513)), [7] * 8, [8] * 8, [9] * 8, [10] * 8, [11] * 16]
     lengths = [1024, 512, 512, 512, 512]
-    engine = KVComm(ROPE, ReuseConfig(gamma=1.0, max_anchors=max(anchors, 2),
-                                      max_bytes=1 << 40))  # fmt: skip
+    engine = KVComm(ROPE, ReuseConfig(gamma=1.0, max_anchors=max(anchors, 2), max_bytes=1 << 40),
+                    distances=kvcomm_kernels.anchor_distances)  # as the server  # fmt: skip
 
     def prompt(seed: int) -> PromptLayout:
         tokens, spans = list(fixed[0]), []

@@ -123,7 +123,9 @@ class KVComm:
         if end <= start:
             return Fallback("nothing to estimate", f"end {end} <= start {start}")
 
-        chosen: list[tuple[int, KV, GateDecision, Distances]] = []
+        # distances of every span first (device work queued back to back), decisions after:
+        # the gate's host-side read then waits once, not once per span
+        candidates: list[tuple[int, KV, list[Anchor], Distances | None]] = []
         for j in range(first, len(spans)):
             if spans[j][0] >= end:
                 break
@@ -136,6 +138,9 @@ class KVComm:
                 if not any(a.following_ids == following for a in usable):
                     return Fallback("following segment unseen", f"span {j}")
             dist = self.distances(base, [a.base for a in usable]) if len(usable) >= 2 else None
+            candidates.append((j, base, usable, dist))
+        chosen: list[tuple[int, KV, GateDecision, Distances | None]] = []
+        for j, base, usable, dist in candidates:
             decision = decide(base.v, usable, self.config.gamma,
                               distances=None if dist is None else dist.values)  # fmt: skip
             if not decision.shareable:

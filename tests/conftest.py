@@ -16,6 +16,9 @@ from sglang_kvcomm import cpu_shim
 if not torch.cuda.is_available():
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     cpu_shim.install()
+    # Triton kernels run on CPU tensors in its interpreter. It must be on before anything
+    # imports triton (transformers and torch do): jit functions pick their mode when defined.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # The benchmark scripts' modules (hf_kv, fidelity, report) are tested too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -64,5 +67,12 @@ def servers(smollm2_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
     stock = ServerProcess(smollm2_dir, [], log_path=logs / "stock.log")
     kvcomm = ServerProcess(smollm2_dir, KVCOMM_ARGS, log_path=logs / "kvcomm.log")
-    with serving(stock, kvcomm):
-        yield {"stock": stock, "kvcomm": kvcomm}
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # servers run as in production
+    try:
+        with serving(stock, kvcomm):
+            if interpret is not None:
+                os.environ["TRITON_INTERPRET"] = interpret
+            yield {"stock": stock, "kvcomm": kvcomm}
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret

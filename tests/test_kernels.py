@@ -9,7 +9,6 @@ and Llama-3-8B. The reference itself is checked against float64 in ``test_estima
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -28,20 +27,16 @@ POOL_SLOTS = 97
 
 
 @pytest.fixture(scope="module", autouse=True)
-def interpreted_triton():
-    """Triton on CPU tensors: the interpreter must be on when the kernels are defined."""
-    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", kvcomm_kernels.ENV_VAR)}
-    os.environ["TRITON_INTERPRET"] = "1"
-    from kvcomm_kernels import triton_ops
-
-    importlib.reload(triton_ops)
+def kernels_backend():
+    """The kernels run on CPU tensors in Triton's interpreter (conftest turns it on)."""
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    saved = os.environ.get(kvcomm_kernels.ENV_VAR)
     yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    importlib.reload(triton_ops)
+    if saved is None:
+        os.environ.pop(kvcomm_kernels.ENV_VAR, None)
+    else:
+        os.environ[kvcomm_kernels.ENV_VAR] = saved
 
 
 def _use(backend: str) -> None:
