@@ -76,34 +76,31 @@ def _rotate_store(ptr, rows, x1, x2, cos, sin, c1, c2, mask, ROTATE: tl.constexp
 
 
 @triton.jit
-def _content_kernel(
-    base_k, base_v, off_k_tab, off_v_tab, off_layer_stride, wk, wv, cos, sin, slots,
-    pool_k_tab, pool_v_tab,
-    n_tokens, base_tokens, n_anchors, w_stride,
-    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    pid_t, layer, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK + tl.arange(0, BLOCK)
+def _tile(n_tokens, HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (layer, head), its block of tokens with their mask, and channel pairs:
+    every kernel here runs on a (token blocks, layers, heads) grid."""
+    layer, head = tl.program_id(1), tl.program_id(2)
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = t < n_tokens
-    m = mask[:, None]
     c1, c2 = _channel_pairs(HALF, INTERLEAVED)
-    src = (layer * base_tokens + t) * HEADS * DIM + head * DIM  # row offsets, [L, T, H, D]
-    k1 = tl.load(base_k + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-    k2 = tl.load(base_k + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
-    v1 = tl.load(base_v + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-    v2 = tl.load(base_v + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
-    if layer > 0:  # layer 0 depends on token and position only: the rotated base is exact
-        for n in range(n_anchors):
-            ok = tl.load(off_k_tab + n).to(tl.pointer_type(DT))
-            ov = tl.load(off_v_tab + n).to(tl.pointer_type(DT))
-            row = layer * tl.load(off_layer_stride + n) + (t * HEADS + head) * DIM
-            a = tl.load(wk + n * w_stride + t, mask=mask, other=0.0)[:, None]
-            b = tl.load(wv + n * w_stride + t, mask=mask, other=0.0)[:, None]
-            k1 += a * tl.load(ok + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-            k2 += a * tl.load(ok + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
-            v1 += b * tl.load(ov + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-            v2 += b * tl.load(ov + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    return layer, head, t, mask, mask[:, None], c1, c2
+
+
+@triton.jit
+def _load_pair(ptr, rows, c1, c2, m):
+    """Both halves of the channel pairs of ``rows``, in fp32."""
+    x1 = tl.load(ptr + rows[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + rows[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _shift_scatter(
+    k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask, c1, c2,
+    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
+):  # fmt: skip
+    """Rotate K by the tokens' cos/sin and store K and V at their pool slots of ``layer``."""
+    m = mask[:, None]
     cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
     c = tl.load(cos + cs, mask=m, other=1.0)
     s = tl.load(sin + cs, mask=m, other=0.0)
@@ -112,6 +109,33 @@ def _content_kernel(
     pv = tl.load(pool_v_tab + layer).to(tl.pointer_type(DT))
     _rotate_store(pk, dst, k1, k2, c, s, c1, c2, mask, True)
     _rotate_store(pv, dst, v1, v2, c, s, c1, c2, mask, False)
+
+
+@triton.jit
+def _content_kernel(
+    base_k, base_v, off_k_tab, off_v_tab, off_layer_stride, wk, wv, cos, sin, slots,
+    pool_k_tab, pool_v_tab,
+    n_tokens, base_tokens, n_anchors, w_stride,
+    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    layer, head, t, mask, m, c1, c2 = _tile(n_tokens, HALF, INTERLEAVED, BLOCK)
+    src = (layer * base_tokens + t) * HEADS * DIM + head * DIM  # row offsets, [L, T, H, D]
+    k1, k2 = _load_pair(base_k, src, c1, c2, m)
+    v1, v2 = _load_pair(base_v, src, c1, c2, m)
+    if layer > 0:  # layer 0 depends on token and position only: the rotated base is exact
+        for n in range(n_anchors):
+            ok = tl.load(off_k_tab + n).to(tl.pointer_type(DT))
+            ov = tl.load(off_v_tab + n).to(tl.pointer_type(DT))
+            row = layer * tl.load(off_layer_stride + n) + (t * HEADS + head) * DIM
+            a = tl.load(wk + n * w_stride + t, mask=mask, other=0.0)[:, None]
+            b = tl.load(wv + n * w_stride + t, mask=mask, other=0.0)[:, None]
+            dk1, dk2 = _load_pair(ok, row, c1, c2, m)
+            dv1, dv2 = _load_pair(ov, row, c1, c2, m)
+            k1, k2 = k1 + a * dk1, k2 + a * dk2
+            v1, v2 = v1 + b * dv1, v2 + b * dv2
+    _shift_scatter(k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask,
+                   c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
 
 
 @triton.jit
@@ -121,11 +145,7 @@ def _following_kernel(
     HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
     INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid_t, layer, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK + tl.arange(0, BLOCK)
-    mask = t < n_tokens
-    m = mask[:, None]
-    c1, c2 = _channel_pairs(HALF, INTERLEAVED)
+    layer, head, t, mask, m, c1, c2 = _tile(n_tokens, HALF, INTERLEAVED, BLOCK)
     k1 = tl.zeros((BLOCK, HALF), tl.float32)
     k2 = tl.zeros((BLOCK, HALF), tl.float32)
     v1 = tl.zeros((BLOCK, HALF), tl.float32)
@@ -134,23 +154,15 @@ def _following_kernel(
     for n in range(n_sources):
         fkp = tl.load(fol_k_tab + n).to(tl.pointer_type(DT))
         fvp = tl.load(fol_v_tab + n).to(tl.pointer_type(DT))
-        w = ((n * n_layers + layer) * HEADS + head) * DIM  # weights [N, L, H, D]
-        a1 = tl.load(fk + w + c1)[None, :]
-        a2 = tl.load(fk + w + c2)[None, :]
-        b1 = tl.load(fv + w + c1)[None, :]
-        b2 = tl.load(fv + w + c2)[None, :]
-        k1 += a1 * tl.load(fkp + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-        k2 += a2 * tl.load(fkp + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
-        v1 += b1 * tl.load(fvp + row[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-        v2 += b2 * tl.load(fvp + row[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
-    cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    c = tl.load(cos + cs, mask=m, other=1.0)
-    s = tl.load(sin + cs, mask=m, other=0.0)
-    dst = tl.load(slots + t, mask=mask, other=0) * HEADS * DIM + head * DIM
-    pk = tl.load(pool_k_tab + layer).to(tl.pointer_type(DT))
-    pv = tl.load(pool_v_tab + layer).to(tl.pointer_type(DT))
-    _rotate_store(pk, dst, k1, k2, c, s, c1, c2, mask, True)
-    _rotate_store(pv, dst, v1, v2, c, s, c1, c2, mask, False)
+        w = ((n * n_layers + layer) * HEADS + head) * DIM  # weights [N, L, H, D], per channel
+        wk1, wk2 = tl.load(fk + w + c1)[None, :], tl.load(fk + w + c2)[None, :]
+        wv1, wv2 = tl.load(fv + w + c1)[None, :], tl.load(fv + w + c2)[None, :]
+        x1, x2 = _load_pair(fkp, row, c1, c2, m)
+        y1, y2 = _load_pair(fvp, row, c1, c2, m)
+        k1, k2 = k1 + wk1 * x1, k2 + wk2 * x2
+        v1, v2 = v1 + wv1 * y1, v2 + wv2 * y2
+    _shift_scatter(k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask,
+                   c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
 
 
 @triton.jit
@@ -159,18 +171,12 @@ def _gather_kernel(
     HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
     INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid_t, layer, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BLOCK + tl.arange(0, BLOCK)
-    mask = t < n_tokens
-    m = mask[:, None]
-    c1, c2 = _channel_pairs(HALF, INTERLEAVED)
+    layer, head, t, mask, m, c1, c2 = _tile(n_tokens, HALF, INTERLEAVED, BLOCK)
     src = tl.load(slots + t, mask=mask, other=0) * HEADS * DIM + head * DIM
     pk = tl.load(pool_k_tab + layer).to(tl.pointer_type(DT))
     pv = tl.load(pool_v_tab + layer).to(tl.pointer_type(DT))
-    k1 = tl.load(pk + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-    k2 = tl.load(pk + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
-    v1 = tl.load(pv + src[:, None] + c1[None, :], mask=m, other=0.0).to(tl.float32)
-    v2 = tl.load(pv + src[:, None] + c2[None, :], mask=m, other=0.0).to(tl.float32)
+    k1, k2 = _load_pair(pk, src, c1, c2, m)
+    v1, v2 = _load_pair(pv, src, c1, c2, m)
     cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
     c = tl.load(cos + cs, mask=m, other=1.0)
     s = tl.load(sin + cs, mask=m, other=0.0)
