@@ -275,7 +275,9 @@ def _start_aligned_distance_kernel(
     q_k, q_v, a_k_tab, a_v_tab, a_tokens, ph_k, ph_v, value_sq, n_tokens, n_layers,
     HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    n, pid_t = tl.program_id(0), tl.program_id(1)
+    """One program per (anchor, token block, layer): sums over heads and channels, added
+    atomically into the per-token outputs (zeroed by the caller)."""
+    n, pid_t, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK + tl.arange(0, BLOCK)
     mask = t < n_tokens
     m = mask[:, None]
@@ -286,8 +288,7 @@ def _start_aligned_distance_kernel(
     sum_k = tl.zeros((BLOCK,), tl.float32)
     sum_v = tl.zeros((BLOCK,), tl.float32)
     sq_v = tl.zeros((BLOCK,), tl.float32)
-    for lh in range(n_layers * HEADS):
-        layer, head = lh // HEADS, lh % HEADS
+    for head in range(HEADS):
         q_row = ((layer * n_tokens + t) * HEADS + head) * DIM
         a_row = ((layer * length + t) * HEADS + head) * DIM
         dk = tl.load(q_k + q_row[:, None] + d, mask=m, other=0.0).to(tl.float32) - tl.load(
@@ -298,9 +299,9 @@ def _start_aligned_distance_kernel(
         sum_v += tl.sum(tl.abs(dv), axis=1)
         sq_v += tl.sum(dv * dv, axis=1)
     scale = 1.0 / (n_layers * HEADS * DIM)
-    tl.store(ph_k + n * n_tokens + t, sum_k * scale, mask=mask)
-    tl.store(ph_v + n * n_tokens + t, sum_v * scale, mask=mask)
-    tl.store(value_sq + n * n_tokens + t, sq_v, mask=mask)
+    tl.atomic_add(ph_k + n * n_tokens + t, sum_k * scale, mask=mask)
+    tl.atomic_add(ph_v + n * n_tokens + t, sum_v * scale, mask=mask)
+    tl.atomic_add(value_sq + n * n_tokens + t, sq_v, mask=mask)
 
 
 @triton.jit
@@ -346,12 +347,12 @@ def anchor_distances(
     tables = address_table([*anchors_k, *anchors_v], device)
     k_tab, v_tab = tables[:n], tables[n:]
     lengths = int64_on([a.shape[1] for a in anchors_k], device)
-    ph_k = torch.empty((n, tokens), dtype=torch.float32, device=device)
-    ph_v, value_sq = torch.empty_like(ph_k), torch.empty_like(ph_k)
+    ph_k = torch.zeros((n, tokens), dtype=torch.float32, device=device)
+    ph_v, value_sq = torch.zeros_like(ph_k), torch.zeros_like(ph_k)
     fol_k = torch.empty((n, layers, heads, dim), dtype=torch.float32, device=device)
     fol_v = torch.empty_like(fol_k)
     dt = tl_dtype(q_k.dtype)
-    _start_aligned_distance_kernel[(n, triton.cdiv(tokens, BLOCK_T))](
+    _start_aligned_distance_kernel[(n, triton.cdiv(tokens, BLOCK_T), layers)](
         q_k, q_v, k_tab, v_tab, lengths, ph_k, ph_v, value_sq, tokens, layers,
         HEADS=heads, DIM=dim, DT=dt, BLOCK=BLOCK_T,
     )  # fmt: skip
