@@ -43,6 +43,9 @@ class PoolKV:
         """KV of ``slots`` (int64 on the pool's device), ``[layers, tokens, kv_heads, dim]``."""
         return kvcomm_kernels.gather(self.k_buffer, self.v_buffer, slots)
 
+    def warm_up(self, rope: RopeSpec) -> None:
+        kvcomm_kernels.warm_up(self.k_buffer, self.v_buffer, rope)
+
     def write(self, reuse: Reuse, slots: torch.Tensor, rope: RopeSpec) -> None:
         """Write a planned reuse into ``slots`` (one per estimated token, in prompt order)."""
         if slots.numel() != reuse.num_tokens:

@@ -75,11 +75,14 @@ class KVCommRadixCache(RadixCache):
         self.kv_pool = PoolKV(self.token_to_kv_pool_allocator.get_kvcache())
         on_cuda = torch.device(self.device).type == "cuda"
         self.tail_tokens = config.tail_tokens or (4 if on_cuda else 1)
+        started = time.perf_counter()
+        self.kv_pool.warm_up(rope)
+        warm_up_s = time.perf_counter() - started
         self.kvcomm_stats = KVCommStats()
         self._pending: dict[str, Req] = {}  # requests holding estimated slots, not yet admitted
         logger.info(
             "KVCOMM tree cache: threshold(gamma)=%s max_anchors(V)=%s window(W)=%s "
-            "max_memory=%dMiB tail_tokens=%d rope=%s/%d layers=%d",
+            "max_memory=%dMiB tail_tokens=%d rope=%s/%d layers=%d kernels=%s (warm-up %.1fs)",
             config.threshold,
             config.max_anchors,
             config.window,
@@ -88,6 +91,8 @@ class KVCommRadixCache(RadixCache):
             rope.layout,
             rope.head_dim,
             self.kv_pool.num_layers,
+            kvcomm_kernels.backend_for(torch.device(self.device)),
+            warm_up_s,
         )
 
     # -- prefix match: decide, inject -------------------------------------------------------

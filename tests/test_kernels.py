@@ -191,3 +191,13 @@ def test_anchor_distances_match_the_reference(dtype):
     for name in ("placeholder_k", "placeholder_v", "following_k", "following_v", "values"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4,
                                    msg=name)  # fmt: skip
+
+
+def test_warm_up_compiles_without_touching_real_slots():
+    layers, heads, dim = SHAPES["qwen2-0.5b"]
+    pool_k, pool_v = _pool((layers, heads, dim), torch.bfloat16)
+    _use("triton")
+    kvcomm_kernels.warm_up(pool_k, pool_v, RopeSpec.from_theta(dim, 1e6))
+    for buf in (*pool_k, *pool_v):
+        assert not buf[0].isnan().any()  # slot 0: SGLang's padding slot, written
+        assert buf[1:].isnan().all()  # every real slot untouched

@@ -16,13 +16,24 @@ Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the tests).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import triton
 import triton.language as tl
 
+# Sizes and the slot table (often a view at any offset) are runtime values, not specialization
+# keys: one compiled variant per model shape and dtype, compiled once by ``warm_up``.
+_SIZES = ["slots", "n_tokens", "base_tokens", "n_anchors", "w_stride", "fol_tokens",
+          "n_sources", "n_layers"]  # fmt: skip
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK_T = 16
+
+
+def _runtime_sizes(fn):  # noqa: ANN001, ANN202
+    """``triton.jit`` with the kernel's ``_SIZES`` arguments left unspecialized."""
+    params = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[name for name in _SIZES if name in params])
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -111,7 +122,7 @@ def _shift_scatter(
     _rotate_store(pv, dst, v1, v2, c, s, c1, c2, mask, False)
 
 
-@triton.jit
+@_runtime_sizes
 def _content_kernel(
     base_k, base_v, off_k_tab, off_v_tab, off_layer_stride, wk, wv, cos, sin, slots,
     pool_k_tab, pool_v_tab,
@@ -138,7 +149,7 @@ def _content_kernel(
                    c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
 
 
-@triton.jit
+@_runtime_sizes
 def _following_kernel(
     fol_k_tab, fol_v_tab, fk, fv, cos, sin, slots, pool_k_tab, pool_v_tab,
     n_tokens, fol_tokens, n_sources, n_layers,
@@ -165,7 +176,7 @@ def _following_kernel(
                    c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
 
 
-@triton.jit
+@_runtime_sizes
 def _gather_kernel(
     pool_k_tab, pool_v_tab, slots, cos, sin, out_k, out_v, n_tokens,
     HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
@@ -270,7 +281,7 @@ def gather(
     return out_k, out_v
 
 
-@triton.jit
+@_runtime_sizes
 def _start_aligned_distance_kernel(
     q_k, q_v, a_k_tab, a_v_tab, a_tokens, ph_k, ph_v, value_sq, n_tokens, n_layers,
     HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
@@ -304,7 +315,7 @@ def _start_aligned_distance_kernel(
     tl.atomic_add(value_sq + n * n_tokens + t, sq_v, mask=mask)
 
 
-@triton.jit
+@_runtime_sizes
 def _end_aligned_distance_kernel(
     q_k, q_v, a_k_tab, a_v_tab, a_tokens, fol_k, fol_v, n_tokens,
     HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
