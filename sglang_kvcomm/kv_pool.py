@@ -11,7 +11,8 @@ import torch
 
 import kvcomm_kernels
 from radix_anchor.anchor_pool import KV
-from radix_anchor.reuse import Reuse
+from radix_anchor.prompt import PromptLayout
+from radix_anchor.reuse import KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import RopeSpec
 
 
@@ -44,7 +45,29 @@ class PoolKV:
         return kvcomm_kernels.gather(self.k_buffer, self.v_buffer, slots)
 
     def warm_up(self, rope: RopeSpec) -> None:
-        kvcomm_kernels.warm_up(self.k_buffer, self.v_buffer, rope)
+        """Run the whole reuse path once on a tiny synthetic prompt (learn two anchors, plan,
+        write) so that nothing compiles or loads inside the first real request: on an H100
+        the Triton JIT and first-use CUDA kernels cost ~0.5-1.5 s there. Reads and writes only
+        slot 0, SGLang's padding slot."""
+        device = self.k_buffer[0].device
+        padding = torch.zeros(8, dtype=torch.int64, device=device)
+        engine = KVComm(rope, ReuseConfig(gamma=1.0), distances=kvcomm_kernels.anchor_distances)
+
+        def prompt(content: int) -> PromptLayout:
+            return PromptLayout.of((1, content, content + 1, 2, 3), [(1, 3)])
+
+        def read(start: int, end: int) -> KV:
+            return self.read(padding[: end - start])
+
+        for content in (10, 20):
+            engine.observe_prefill(prompt(content), read)
+        engine.observe_output((30, 31), read(1, 3), 1)
+        reuse = engine.plan(prompt(30), 1, 4)
+        if not isinstance(reuse, Reuse):
+            raise RuntimeError(f"kvcomm warm-up did not plan a reuse: {reuse}")
+        self.write(reuse, padding[: reuse.num_tokens], rope)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def write(self, reuse: Reuse, slots: torch.Tensor, rope: RopeSpec) -> None:
         """Write a planned reuse into ``slots`` (one per estimated token, in prompt order)."""

@@ -193,11 +193,20 @@ def test_anchor_distances_match_the_reference(dtype):
                                    msg=name)  # fmt: skip
 
 
-def test_warm_up_compiles_without_touching_real_slots():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_warm_up_runs_the_reuse_path_on_the_padding_slot_only(backend):
+    from types import SimpleNamespace
+
+    from sglang_kvcomm.kv_pool import PoolKV
+
     layers, heads, dim = SHAPES["qwen2-0.5b"]
     pool_k, pool_v = _pool((layers, heads, dim), torch.bfloat16)
-    _use("triton")
-    kvcomm_kernels.warm_up(pool_k, pool_v, RopeSpec.from_theta(dim, 1e6))
     for buf in (*pool_k, *pool_v):
-        assert not buf[0].isnan().any()  # slot 0: SGLang's padding slot, written
+        buf[0] = 0.0  # SGLang's padding slot
+    _use(backend)
+    pool = PoolKV(SimpleNamespace(k_buffer=pool_k, v_buffer=pool_v, dtype=torch.bfloat16,
+                                  store_dtype=torch.bfloat16))  # fmt: skip
+    pool.warm_up(RopeSpec.from_theta(dim, 1e6))
+    for buf in (*pool_k, *pool_v):
+        assert not buf[0].isnan().any()
         assert buf[1:].isnan().all()  # every real slot untouched

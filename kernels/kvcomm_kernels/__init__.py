@@ -121,27 +121,6 @@ def gather(
     return KV(*triton_ops.gather(list(pool_k), list(pool_v), slots, cos, sin, interleaved))
 
 
-def warm_up(pool_k: Sequence[torch.Tensor], pool_v: Sequence[torch.Tensor], rope: RopeSpec) -> None:
-    """Compile the kernels for this pool's shape and dtype now: a first use would spend ~1.5 s
-    of JIT inside a request (measured on an H100). Writes only slot 0, SGLang's padding slot."""
-    device = pool_k[0].device
-    if backend_for(device) != "triton":
-        return
-    _, heads, dim = pool_k[0].shape
-    shape = (len(pool_k), 2, heads, dim)
-    kv = KV(torch.zeros(shape, dtype=pool_k[0].dtype, device=device),
-            torch.zeros(shape, dtype=pool_k[0].dtype, device=device))  # fmt: skip
-    zero = torch.zeros((1, 2), device=device)
-    ones = torch.ones((1, *shape[:1], heads, dim), device=device)
-    slots = torch.zeros(2, dtype=torch.int64, device=device)
-    write_recipe(pool_k, pool_v, Recipe(kv, [kv], zero, zero, [kv], ones, ones), 0, slots,
-                 slots, rope)  # fmt: skip
-    gather(pool_k, pool_v, slots, -1, rope)
-    anchor_distances(kv, [kv, kv])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _write_rows(
     pool_k: Sequence[torch.Tensor], pool_v: Sequence[torch.Tensor], slots: torch.Tensor, kv: KV
 ) -> None:
