@@ -50,19 +50,24 @@ class PoolKV:
         the Triton JIT and first-use CUDA kernels cost ~0.5-1.5 s there. Reads and writes only
         slot 0, SGLang's padding slot."""
         device = self.k_buffer[0].device
-        padding = torch.zeros(8, dtype=torch.int64, device=device)
+        padding = torch.zeros(256, dtype=torch.int64, device=device)
         engine = KVComm(rope, ReuseConfig(gamma=1.0), distances=kvcomm_kernels.anchor_distances)
+        size = 64  # large enough for the kernels' and torch's multi-block code paths
 
-        def prompt(content: int) -> PromptLayout:
-            return PromptLayout.of((1, content, content + 1, 2, 3), [(1, 3)])
+        def prompt(first: int) -> PromptLayout:
+            contents = [tuple(range(first + 1000 * j, first + 1000 * j + size)) for j in (0, 1)]
+            tokens = (1, *contents[0], 2, 3, *contents[1], 4, 5, 6)
+            return PromptLayout.of(tokens, [(1, 1 + size), (3 + size, 3 + 2 * size)])
 
         def read(start: int, end: int) -> KV:
             return self.read(padding[: end - start])
 
-        for content in (10, 20):
-            engine.observe_prefill(prompt(content), read)
-        engine.observe_output((30, 31), read(1, 3), 1)
-        reuse = engine.plan(prompt(30), 1, 4)
+        for first in (10_000, 20_000, 30_000):
+            engine.observe_prefill(prompt(first), read)
+        new = prompt(40_000)
+        for j, (start, end) in enumerate(new.spans):
+            engine.observe_output(new.content(j), read(start, end), start)
+        reuse = engine.plan(new, 1, len(new.tokens) - 1)
         if not isinstance(reuse, Reuse):
             raise RuntimeError(f"kvcomm warm-up did not plan a reuse: {reuse}")
         self.write(reuse, padding[: reuse.num_tokens], rope)
