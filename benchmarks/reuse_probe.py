@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import requests
+from token_client import TokenClient
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", default=None, help="folder for reuse_probe.json")
     args = parser.parse_args(argv)
-    rng = random.Random(11)
-    session = requests.Session()
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(1000, 100_000) for _ in range(n)]
+    client = TokenClient(args.url, seed=11)
+    ids = client.ids
 
     prefix, other_prefix = ids(args.prefix), ids(args.prefix // 2)
     fixed = [ids(8) for _ in range(args.responses + 1)]
@@ -55,15 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return tokens, spans
 
     def call(tokens: list[int], spans: list[int], mode: str) -> tuple[float, dict]:
-        t0 = time.perf_counter()
-        res = session.post(args.url + "/generate", timeout=300, json={
-            "input_ids": tokens,
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True,
-                                "custom_params": {"kvcomm_mode": mode, "kvcomm_spans": spans}},
-        })  # fmt: skip
-        res.raise_for_status()
-        meta = res.json()["meta_info"]
-        return 1000 * (time.perf_counter() - t0), (meta.get("kvcomm") or [{}])[0]
+        ms, meta = client.first_token(tokens, {"kvcomm_mode": mode, "kvcomm_spans": spans})
+        return ms, (meta.get("kvcomm") or [{}])[0]
 
     def contents() -> list[list[int]]:
         return [ids(args.input)] + [ids(args.response) for _ in range(args.responses)]
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{report.get('overhead_ms', 0):.2f} ms)  dense {dense_ms:7.2f} ms  floor "
               f"{floor_ms:7.2f} ms", flush=True)  # fmt: skip
     med = {k: statistics.median(r[k] for r in rows) for k in ("reuse_ms", "dense_ms", "floor_ms")}
-    stats = session.get(args.url + "/kvcomm/stats", timeout=30).json()
+    stats = client.session.get(args.url + "/kvcomm/stats", timeout=30).json()
     print(f"\n{len(tokens)}-token prompt, median of {args.runs}: reuse {med['reuse_ms']:.2f} ms, "
           f"dense {med['dense_ms']:.2f} ms ({med['dense_ms'] / med['reuse_ms']:.2f}x), floor "
           f"{med['floor_ms']:.2f} ms (reuse / floor {med['reuse_ms'] / med['floor_ms']:.2f}); "

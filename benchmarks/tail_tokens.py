@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import requests
+from token_client import TokenClient
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,20 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-token", type=int, default=128000, help="BOS id")
     parser.add_argument("--out", default=None, help="folder for tail_tokens.json")
     args = parser.parse_args(argv)
-    rng = random.Random(7)
-    session = requests.Session()
-
-    def ids(n: int) -> list[int]:
-        return [rng.randrange(1000, 100_000) for _ in range(n)]
+    client = TokenClient(args.url, seed=7)
+    ids = client.ids
 
     def ttft(tokens: list[int]) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        res = session.post(args.url + "/generate", timeout=300, json={
-            "input_ids": tokens,
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
-        })  # fmt: skip
-        res.raise_for_status()
-        return 1000 * (time.perf_counter() - t0), res.json()["meta_info"]["cached_tokens"]
+        ms, meta = client.first_token(tokens)
+        return ms, meta["cached_tokens"]
 
     ttft([args.first_token, *ids(args.length - 1)])  # warm-up
     samples: dict[int, list[tuple[float, int]]] = {k: [] for k in args.tails}
