@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--responses", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=6, help="dense calls that teach anchors")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=100_000, help="random ids stay below it")
     parser.add_argument("--out", default=None, help="folder for reuse_probe.json")
     args = parser.parse_args(argv)
-    client = TokenClient(args.url, seed=11)
+    client = TokenClient(args.url, seed=11, vocab=args.vocab)
     ids = client.ids
 
     prefix, other_prefix = ids(args.prefix), ids(args.prefix // 2)

@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tails", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--first-token", type=int, default=128000, help="BOS id")
+    parser.add_argument("--vocab", type=int, default=100_000, help="random ids stay below it")
     parser.add_argument("--out", default=None, help="folder for tail_tokens.json")
     args = parser.parse_args(argv)
-    client = TokenClient(args.url, seed=7)
+    client = TokenClient(args.url, seed=7, vocab=args.vocab)
     ids = client.ids
 
     def ttft(tokens: list[int]) -> tuple[float, int]:

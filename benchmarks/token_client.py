@@ -9,14 +9,15 @@ import requests
 
 
 class TokenClient:
-    def __init__(self, url: str, seed: int) -> None:
+    def __init__(self, url: str, seed: int, vocab: int = 100_000) -> None:
         self.url = url
+        self.vocab = vocab
         self.rng = random.Random(seed)
         self.session = requests.Session()
 
     def ids(self, n: int) -> list[int]:
         """n random token ids (distinct prompts never share a cached prefix by chance)."""
-        return [self.rng.randrange(1000, 100_000) for _ in range(n)]
+        return [self.rng.randrange(1000, self.vocab) for _ in range(n)]
 
     def first_token(
         self, tokens: list[int], custom_params: dict | None = None
