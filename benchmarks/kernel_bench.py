@@ -162,14 +162,15 @@ def stitch_agent5(
         ms_full = cuda_ms(full, repeat=10)
         ms_write = cuda_ms(lambda p=plan: kv_pool.write(p, slots, ROPE), repeat=10)
         if profile:
-            import cProfile
-            import pstats
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
 
-            with cProfile.Profile() as prof:
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     full()
                 torch.cuda.synchronize()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         stitch.append({"backend": name, "prompt tokens": len(layout.tokens),
                        "estimated tokens": plan.num_tokens, "anchors": anchors,
                        "plan+write ms": ms_full, "write ms": ms_write})  # fmt: skip
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--agent5-anchors", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["torch", "triton"])
-    parser.add_argument("--profile", action="store_true", help="cProfile the agent-5 plan")
+    parser.add_argument("--profile", action="store_true", help="torch-profile the agent-5 plan")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA device", file=sys.stderr)
