@@ -50,8 +50,15 @@ def int64_on(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return int64_on([t.data_ptr() for t in tensors], device)
+def tables(device: torch.device, *columns: list[int]) -> list[torch.Tensor]:
+    """Several equally long int64 tables in one copy to the device, returned as views."""
+    n = len(columns[0])
+    packed = int64_on([v for column in columns for v in column], device)
+    return [packed[i * n : (i + 1) * n] for i in range(len(columns))]
+
+
+def addresses(tensors: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,10 +224,10 @@ def write_content(
     if n == 0:  # no placeholder offset: one zero-weight dummy keeps one code path
         offsets_k, offsets_v = [base_k], [base_v]
         wk = wv = torch.zeros((1, base_tokens), dtype=torch.float32, device=device)
+    strides = [o.stride(0) for o in offsets_k]
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _content_kernel[grid](
-        base_k, base_v, address_table(offsets_k, device), address_table(offsets_v, device),
-        int64_on([o.stride(0) for o in offsets_k], device),
+        base_k, base_v, *tables(device, addresses(offsets_k), addresses(offsets_v), strides),
         wk.contiguous(), wv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
         pool_table(pool_k, device), pool_table(pool_v, device),
         slots.numel(), base_tokens, max(n, 1), wk.stride(0),
@@ -247,7 +254,7 @@ def write_following(
     slots = slots.to(torch.int64).contiguous()
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _following_kernel[grid](
-        address_table(follows_k, device), address_table(follows_v, device),
+        *tables(device, addresses(follows_k), addresses(follows_v)),
         fk.contiguous(), fv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
         pool_table(pool_k, device), pool_table(pool_v, device),
         slots.numel(), fol_tokens, len(follows_k), layers,
@@ -355,9 +362,9 @@ def anchor_distances(
     gate's ||V - V_n[:T]|| [N] of a content ``[L, T, H, D]`` to anchors ``[L, >=T, H, D]``."""
     layers, tokens, heads, dim = q_k.shape
     n, device = len(anchors_k), q_k.device
-    tables = address_table([*anchors_k, *anchors_v], device)
-    k_tab, v_tab = tables[:n], tables[n:]
-    lengths = int64_on([a.shape[1] for a in anchors_k], device)
+    k_tab, v_tab, lengths = tables(
+        device, addresses(anchors_k), addresses(anchors_v), [a.shape[1] for a in anchors_k]
+    )
     ph_k = torch.zeros((n, tokens), dtype=torch.float32, device=device)
     ph_v, value_sq = torch.zeros_like(ph_k), torch.zeros_like(ph_k)
     fol_k = torch.empty((n, layers, heads, dim), dtype=torch.float32, device=device)
@@ -369,6 +376,6 @@ def anchor_distances(
     )  # fmt: skip
     _end_aligned_distance_kernel[(n, layers * heads)](
         q_k, q_v, k_tab, v_tab, lengths, fol_k, fol_v, tokens,
-        HEADS=heads, DIM=dim, DT=dt, BLOCK=BLOCK_T,
+        HEADS=heads, DIM=dim, DT=dt, BLOCK=4 * BLOCK_T,  # long loop over tokens: wider tiles
     )  # fmt: skip
     return ph_k, ph_v, fol_k, fol_v, value_sq.sum(dim=1).sqrt()
