@@ -165,29 +165,32 @@ class KVComm:
         for decision in reuse.decisions:
             activate(decision)
 
-    def observe_prefill(self, layout: PromptLayout, read: Read) -> int:
-        """Learn anchors from a dense prefill of ``layout``; returns how many were added."""
+    def observe_prefill(self, layout: PromptLayout, read: Read) -> None:
+        """Learn anchors from a dense prefill of ``layout`` (one per span)."""
         for j, (start, end) in enumerate(layout.spans):
             content = read(start, end)
             following = read(end, layout.following_end(j))
             tokens = layout.content(j)
             base = self.bases.get(tokens)
             if base is None:
-                base = KV(rotate(content.k, -start, self.rope), content.v.clone())
+                base = self._position_zero(content, start)
                 self.bases.put(tokens, base)
             anchor = Anchor.from_dense(
                 base, content, following, layout.following(j), start, self.rope
             )
             self.anchors.pool(layout.slot_key(j)).add(anchor)
         self._enforce_budget()
-        return len(layout.spans)
 
     def observe_output(self, tokens: tuple[int, ...], kv: KV, position: int) -> None:
         """``kv``: the KV a decode produced for ``tokens``, the first at ``position``."""
         if not tokens:
             return
-        self.bases.put(tokens, KV(rotate(kv.k, -position, self.rope), kv.v.clone()))
+        self.bases.put(tokens, self._position_zero(kv, position))
         self._enforce_budget()
+
+    def _position_zero(self, kv: KV, position: int) -> KV:
+        """A copy of ``kv`` (measured from ``position`` on) in the position-0 frame: a base."""
+        return KV(rotate(kv.k, -position, self.rope), kv.v.clone())
 
     def clear(self) -> None:
         self.bases.clear()

@@ -45,10 +45,10 @@ class PoolKV:
         return kvcomm_kernels.gather(self.k_buffer, self.v_buffer, slots)
 
     def warm_up(self, rope: RopeSpec) -> None:
-        """Run the whole reuse path once on a tiny synthetic prompt (learn two anchors, plan,
-        write) so that nothing compiles or loads inside the first real request: on an H100
-        the Triton JIT and first-use CUDA kernels cost ~0.5-1.5 s there. Reads and writes only
-        slot 0, SGLang's padding slot."""
+        """Run the whole reuse path once on a synthetic two-span prompt (learn three anchors,
+        plan, write) so that nothing compiles or loads inside the first real request: on an
+        H100 the Triton JIT and first-use CUDA kernels of real sizes cost ~0.5-1.5 s there.
+        Reads and writes only slot 0, SGLang's padding slot."""
         device = self.k_buffer[0].device
         padding = torch.zeros(256, dtype=torch.int64, device=device)
         engine = KVComm(rope, ReuseConfig(gamma=1.0), distances=kvcomm_kernels.anchor_distances)

@@ -2,10 +2,10 @@
 
 - ``match_prefix``, on the call that admits a request (it carries the Req and a limit): the exact
   radix match, then ``KVComm.plan``. On reuse it allocates slots for the rest of the prompt but
-  its last token, writes the estimated KV there and returns ``exact[:start] + slots`` with
-  ``cache_protected_len = start``: SGLang prefills one token and frees the estimated slots with
-  the request. The request is marked ``skip_radix_cache_insert``, so approximate KV never enters
-  the tree and no other request (exact, off, or without metadata) can match it.
+  its last ``tail_tokens``, writes the estimated KV there and returns ``exact[:start] + slots``
+  with ``cache_protected_len = start``: SGLang prefills only the tail and frees the estimated
+  slots with the request. The request is marked ``skip_radix_cache_insert``, so approximate KV
+  never enters the tree and no other request (exact, off, or without metadata) can match it.
 - ``cache_unfinished_req`` / ``cache_finished_req``: after a dense prefill of an ``approx``
   request its spans become anchors; when a request finishes, its decode's KV becomes the base KV
   of its response.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,11 +47,14 @@ META_KEY = "kvcomm"  # meta_info["kvcomm"] == [report]
 @dataclass
 class _RequestState:
     request: KVCommRequest
-    report: dict = field(default_factory=dict)
     slots: torch.Tensor | None = None  # estimated KV, held until the request ends
     start: int = 0  # the exact prefix returned with ``slots``
     counted: bool = False
     learned: bool = False
+
+
+def _layout(req: Req, request: KVCommRequest) -> PromptLayout:
+    return PromptLayout.of(req.origin_input_ids, [(s.start, s.end) for s in request.segments])
 
 
 class KVCommRadixCache(RadixCache):
@@ -123,9 +126,7 @@ class KVCommRadixCache(RadixCache):
         elif req.output_ids:
             outcome = Fallback("retracted", "re-admitted with output tokens")
         else:
-            layout = PromptLayout.of(
-                req.origin_input_ids, [(s.start, s.end) for s in request.segments]
-            )
+            layout = _layout(req, request)
             end = min(limit, len(layout.tokens) - self.tail_tokens)
             outcome = self.kvcomm.plan(layout, exact_len, end)
         if isinstance(outcome, Fallback):
@@ -224,10 +225,9 @@ class KVCommRadixCache(RadixCache):
         ):
             return
         state.learned = True
-        layout = PromptLayout.of(
-            req.origin_input_ids, [(s.start, s.end) for s in state.request.segments]
+        self.kvcomm.observe_prefill(
+            _layout(req, state.request), lambda a, b: self.kv_pool.read(self._slots(req, a, b))
         )
-        self.kvcomm.observe_prefill(layout, lambda a, b: self.kv_pool.read(self._slots(req, a, b)))
 
     def _learn_from_output(self, req: Req, state: _RequestState, kv_len: int) -> None:
         input_len = len(req.origin_input_ids)
@@ -266,7 +266,7 @@ class KVCommRadixCache(RadixCache):
         started: float | None = None,
     ) -> None:
         prompt = len(req.origin_input_ids)
-        state.report = {
+        report = {
             "decision": decision,
             "reason": fallback.reason if fallback else "",
             "detail": fallback.detail if fallback else "",
@@ -277,7 +277,7 @@ class KVCommRadixCache(RadixCache):
             # host time of the decision (plan, estimate, pool write as launched)
             "overhead_ms": 0.0 if started is None else 1000 * (time.perf_counter() - started),
         }
-        req.customized_info = {**(req.customized_info or {}), META_KEY: [state.report]}
+        req.customized_info = {**(req.customized_info or {}), META_KEY: [report]}
         if state.counted:
             return
         state.counted = True

@@ -65,15 +65,14 @@ def write_recipe(
     device = content_slots.device
     base = recipe.base
     if n_content:
-        cos, sin = cos_sin(torch.full((n_content,), position, device=device), rope, device)
+        cos, sin = _shift_rows(n_content, position, rope, device)
         triton_ops.write_content(
             list(pool_k), list(pool_v), content_slots, base.k.contiguous(), base.v.contiguous(),
             [o.k.contiguous() for o in recipe.offsets], [o.v.contiguous() for o in recipe.offsets],
             recipe.wk, recipe.wv, cos, sin, interleaved,
         )  # fmt: skip
     if n_following:
-        shift = torch.full((n_following,), position + recipe.length, device=device)
-        cos, sin = cos_sin(shift, rope, device)
+        cos, sin = _shift_rows(n_following, position + recipe.length, rope, device)
         triton_ops.write_following(
             list(pool_k), list(pool_v), following_slots,
             [f.k.contiguous() for f in recipe.follows], [f.v.contiguous() for f in recipe.follows],
@@ -112,13 +111,19 @@ def gather(
 
     half = pool_k[0].shape[-1] // 2
     if shift:
-        shifts = torch.full((slots.numel(),), shift, device=slots.device)
-        cos, sin = cos_sin(shifts, rope, slots.device)
+        cos, sin = _shift_rows(slots.numel(), shift, rope, slots.device)
     else:
         cos = torch.ones((slots.numel(), half), device=slots.device)
         sin = torch.zeros_like(cos)
     interleaved = rope is not None and rope.layout == "interleaved"
     return KV(*triton_ops.gather(list(pool_k), list(pool_v), slots, cos, sin, interleaved))
+
+
+def _shift_rows(
+    n: int, delta: int, rope: RopeSpec, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows ``[n, D/2]`` of one shift, for kernels that read a row per token."""
+    return cos_sin(torch.full((n,), delta, device=device), rope, device)
 
 
 def _write_rows(

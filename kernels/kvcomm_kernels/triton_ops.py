@@ -113,6 +113,19 @@ def _load_pair(ptr, rows, c1, c2, m):
 
 
 @triton.jit
+def _add_weighted(
+    k_tab, v_tab, n, row, c1, c2, m, wk1, wk2, wv1, wv2, k1, k2, v1, v2, DT: tl.constexpr
+):  # fmt: skip
+    """The accumulators plus source ``n``'s K and V rows (addresses from the tables), each
+    half of the channel pairs scaled by its weight."""
+    kp = tl.load(k_tab + n).to(tl.pointer_type(DT))
+    vp = tl.load(v_tab + n).to(tl.pointer_type(DT))
+    x1, x2 = _load_pair(kp, row, c1, c2, m)
+    y1, y2 = _load_pair(vp, row, c1, c2, m)
+    return k1 + wk1 * x1, k2 + wk2 * x2, v1 + wv1 * y1, v2 + wv2 * y2
+
+
+@triton.jit
 def _shift_scatter(
     k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask, c1, c2,
     HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
@@ -142,16 +155,12 @@ def _content_kernel(
     k1, k2 = _load_pair(base_k, src, c1, c2, m)
     v1, v2 = _load_pair(base_v, src, c1, c2, m)
     if layer > 0:  # layer 0 depends on token and position only: the rotated base is exact
-        for n in range(n_anchors):
-            ok = tl.load(off_k_tab + n).to(tl.pointer_type(DT))
-            ov = tl.load(off_v_tab + n).to(tl.pointer_type(DT))
+        for n in range(n_anchors):  # per-token weights, the same for both halves
             row = layer * tl.load(off_layer_stride + n) + (t * HEADS + head) * DIM
             a = tl.load(wk + n * w_stride + t, mask=mask, other=0.0)[:, None]
             b = tl.load(wv + n * w_stride + t, mask=mask, other=0.0)[:, None]
-            dk1, dk2 = _load_pair(ok, row, c1, c2, m)
-            dv1, dv2 = _load_pair(ov, row, c1, c2, m)
-            k1, k2 = k1 + a * dk1, k2 + a * dk2
-            v1, v2 = v1 + b * dv1, v2 + b * dv2
+            k1, k2, v1, v2 = _add_weighted(off_k_tab, off_v_tab, n, row, c1, c2, m, a, a, b, b,
+                                           k1, k2, v1, v2, DT)  # fmt: skip
     _shift_scatter(k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask,
                    c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
 
@@ -169,16 +178,12 @@ def _following_kernel(
     v1 = tl.zeros((BLOCK, HALF), tl.float32)
     v2 = tl.zeros((BLOCK, HALF), tl.float32)
     row = ((layer * fol_tokens + t) * HEADS + head) * DIM
-    for n in range(n_sources):
-        fkp = tl.load(fol_k_tab + n).to(tl.pointer_type(DT))
-        fvp = tl.load(fol_v_tab + n).to(tl.pointer_type(DT))
-        w = ((n * n_layers + layer) * HEADS + head) * DIM  # weights [N, L, H, D], per channel
+    for n in range(n_sources):  # per-channel weights [N, L, H, D]
+        w = ((n * n_layers + layer) * HEADS + head) * DIM
         wk1, wk2 = tl.load(fk + w + c1)[None, :], tl.load(fk + w + c2)[None, :]
         wv1, wv2 = tl.load(fv + w + c1)[None, :], tl.load(fv + w + c2)[None, :]
-        x1, x2 = _load_pair(fkp, row, c1, c2, m)
-        y1, y2 = _load_pair(fvp, row, c1, c2, m)
-        k1, k2 = k1 + wk1 * x1, k2 + wk2 * x2
-        v1, v2 = v1 + wv1 * y1, v2 + wv2 * y2
+        k1, k2, v1, v2 = _add_weighted(fol_k_tab, fol_v_tab, n, row, c1, c2, m, wk1, wk2, wv1,
+                                       wv2, k1, k2, v1, v2, DT)  # fmt: skip
     _shift_scatter(k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask,
                    c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
 
