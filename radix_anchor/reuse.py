@@ -185,7 +185,12 @@ class KVComm:
         """``kv``: the KV a decode produced for ``tokens``, the first at ``position``."""
         if not tokens:
             return
-        self.bases.put(tokens, self._position_zero(kv, position))
+        base = self._position_zero(kv, position)
+        self.bases.put(tokens, base)
+        if len(tokens) > 1:
+            # Quoted without its last token too: an answer drops its stop token, and whether
+            # the engine computed the last sampled token's KV depends on its scheduler.
+            self.bases.put(tokens[:-1], base.tokens(slice(0, -1)))
         self._enforce_budget()
 
     def _position_zero(self, kv: KV, position: int) -> KV:

@@ -148,13 +148,18 @@ def test_base_store_drops_the_least_recently_used_unprotected_base():
     assert store.pop_oldest(keep=lambda base: True) is None
 
 
-def test_output_base_is_keyed_by_its_tokens_in_the_position_0_frame():
+def test_output_base_is_keyed_by_its_tokens_with_and_without_the_last_in_the_position_0_frame():
     engine = KVComm(ROPE)
     kv = _kv(5, seed=3)
     engine.observe_output((5, 6, 7, 8, 9), kv, position=40)
     base = engine.bases.get((5, 6, 7, 8, 9))
     torch.testing.assert_close(rotate(base.k, 40, ROPE), kv.k, rtol=1e-5, atol=1e-5)
-    assert engine.bases.get((5, 6, 7, 8)) is None
+    # Quoted without the last sampled token (a stop token, or a token SGLang never fed back):
+    # the same base, a view, counted once.
+    shorter = engine.bases.get((5, 6, 7, 8))
+    assert torch.equal(shorter.k, base.k[:, :4]) and torch.equal(shorter.v, base.v[:, :4])
+    assert engine.base_bytes == base.nbytes
+    assert engine.bases.get((5, 6, 7)) is None
     engine.clear()
     assert engine.nbytes == 0 and engine.report()["bases"] == 0
 

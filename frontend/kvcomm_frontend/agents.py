@@ -40,12 +40,58 @@ MATH_ROLES = (
         "You are an inspector who verifies arithmetic. Recompute every quantity in the problem "
         "and finish with 'The answer is N.'",
     ),
+    AgentRole(
+        "Programming Expert",
+        "You are a programming expert. Write the computation as short Python-like steps, "
+        "evaluate them and finish with 'The answer is N.'",
+    ),
+    AgentRole(
+        "Math Teacher",
+        "You are a math teacher. Explain the simplest way to solve the problem, check the "
+        "other answers and finish with 'The answer is N.'",
+    ),
 )
 
 MATH_DECISION = AgentRole(
     "Decision Maker",
     "You are the decision maker of a team of math agents. Read the problem and the agents' "
     "answers, decide which final answer is right and reply only with 'The answer is N.'",
+)
+
+_CHOICE = "finish with 'The answer is X.' where X is one of A, B, C, D."
+KNOWLEDGE_ROLES = (
+    AgentRole(
+        "Knowledgeable Expert", f"You are a knowledgeable expert. Answer briefly and {_CHOICE}"
+    ),
+    AgentRole("Critic", f"You are a critic. Check the other answers for errors and {_CHOICE}"),
+    AgentRole("Mathematician", f"You are a mathematician. Reason precisely and {_CHOICE}"),
+    AgentRole("Historian", f"You are a historian who knows many facts. Answer and {_CHOICE}"),
+    AgentRole("Scientist", f"You are a scientist. Reason from first principles and {_CHOICE}"),
+)
+
+KNOWLEDGE_DECISION = AgentRole(
+    "Decision Maker",
+    "You are the decision maker of a team of experts. Read the question and the experts' "
+    "answers and reply only with 'The answer is X.' where X is one of A, B, C, D.",
+)
+
+_CODE = "Reply with the complete function in one ```python code block."
+CODE_ROLES = (
+    AgentRole("Project Manager", f"You are a project manager. Plan the solution briefly. {_CODE}"),
+    AgentRole("Algorithm Designer", f"You are an algorithm designer. Choose a correct, simple "
+              f"algorithm and handle the edge cases. {_CODE}"),
+    AgentRole("Programming Expert", f"You are a programming expert. Write clean, correct "
+              f"Python. {_CODE}"),
+    AgentRole("Test Analyst", f"You are a test analyst. Check the other solutions against the "
+              f"examples in the docstring and fix what fails. {_CODE}"),
+    AgentRole("Bug Fixer", f"You are a bug fixer. Find and fix the bugs in the other solutions. "
+              f"{_CODE}"),
+)  # fmt: skip
+
+CODE_DECISION = AgentRole(
+    "Final Code Writer",
+    "You are the final code writer of a team of programmers. Read the task and the team's "
+    "solutions and write the final, correct function. " + _CODE,
 )
 
 

