@@ -179,8 +179,10 @@ def print_table2(result: dict) -> None:
     print(format_table(["agent", "prompt tokens", "radix-only ms", "KVCOMM ms", "speedup",
                         "reused", "estimate ms"], rows))  # fmt: skip
     last = result["agents"][-1]
-    print(f"floor (last agent's prompt again, full radix hit): {result['floor_ms']:.1f} ms; "
-          f"KVCOMM / floor {last['kvcomm_ms'] / result['floor_ms']:.2f}")
+    print(
+        f"floor (last agent's prompt again, full radix hit): {result['floor_ms']:.1f} ms; "
+        f"KVCOMM / floor {last['kvcomm_ms'] / result['floor_ms']:.2f}"
+    )
 
 
 def print_table3(result: dict) -> None:
@@ -194,7 +196,11 @@ def print_table3(result: dict) -> None:
 
 
 def plot(results: dict, out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. on the GPU box: plot later with --from-json
+        print("matplotlib is not installed: no plots (rerun with --from-json to draw them)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,6 +248,25 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def replot(paths: list[str], out: Path) -> int:
+    merged: dict = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        if "table2" in results:
+            merged["table2"] = results["table2"]
+        if "table3" in results:
+            cells = merged.setdefault("table3", {**results["table3"], "cells": []})["cells"]
+            cells += results["table3"]["cells"]
+    out.mkdir(parents=True, exist_ok=True)
+    if "table2" in merged:
+        print_table2(merged["table2"])
+    if "table3" in merged:
+        print_table3(merged["table3"])
+    (out / "ttft.json").write_text(json.dumps(merged, indent=1))
+    plot(merged, out)
+    return 0
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -255,29 +280,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radix-url", help="a running stock server (no --kvcomm)")
     parser.add_argument("--kvcomm-url", help="a running --kvcomm server with the same model")
     parser.add_argument("--model", default="smollm2",
-                        help=f"for the CPU servers this script starts: packaged ({', '.join(MODELS)})"
-                             " or a model folder")  # fmt: skip
-    parser.add_argument("--kvcomm-args", default="",
-                        help="extra flags for the --kvcomm server this script starts")
+                        help="for the CPU servers this script starts: a packaged model "
+                             f"({', '.join(MODELS)}) or a model folder")  # fmt: skip
+    parser.add_argument(
+        "--kvcomm-args", default="", help="extra flags for the --kvcomm server this script starts"
+    )
     parser.add_argument("--agents", type=int, default=5, help="table 2: agents")
     parser.add_argument("--input", type=int, default=1024, help="user input tokens (both tables)")
     parser.add_argument("--prefix", type=int, default=512, help="table 2: agent prefix tokens")
     parser.add_argument("--output", type=int, default=512, help="table 2: response tokens")
     parser.add_argument("--grid-agents", type=int, default=3, help="table 3: agents")
-    parser.add_argument("--prefixes", type=ints, default=[64, 128, 256, 512, 1024],
-                        help="table 3: agent prefix lengths, comma-separated")
-    parser.add_argument("--outputs", type=ints, default=[128, 256, 512, 1024],
-                        help="table 3: response lengths, comma-separated")
+    parser.add_argument(
+        "--prefixes",
+        type=ints,
+        default=[64, 128, 256, 512, 1024],
+        help="table 3: agent prefix lengths, comma-separated",
+    )
+    parser.add_argument(
+        "--outputs",
+        type=ints,
+        default=[128, 256, 512, 1024],
+        help="table 3: response lengths, comma-separated",
+    )
     parser.add_argument("--warmup", type=int, default=2,
                         help="exchanges per shape (table 3: per prefix) before measuring; the "
                              "gate needs two anchors per span")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3, help="table 2: measured exchanges")
     parser.add_argument("--grid-runs", type=int, default=2, help="table 3: measured per cell")
-    parser.add_argument("--vocab", type=int, default=49_000,
-                        help="random ids stay below it (the model's vocabulary size or less)")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=49_000,
+        help="random ids stay below it (the model's vocabulary size or less)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/out/ttft", help="output folder")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="no servers: print the tables and draw the plots of earlier runs' "
+                             "ttft.json (table 3 cells of several files are merged)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.from_json:
+        return replot(args.from_json, Path(args.out))
     if (args.radix_url is None) != (args.kvcomm_url is None):
         parser.error("give both --radix-url and --kvcomm-url, or neither (servers are started)")
     out = Path(args.out)
