@@ -12,7 +12,8 @@ the least activated one (the oldest on ties): LFU inside a FIFO window, exactly 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -154,24 +155,48 @@ class AnchorPool:
 
 
 class AnchorStore:
-    """Pools keyed by (prefix, shared-segment slot) or any hashable key the engine chooses."""
+    """Pools keyed by (prefix, shared-segment slot) or any hashable key the engine chooses.
+    ``clock`` stamps each use of a pool (see ``BaseStore``)."""
 
-    def __init__(self, capacity: int, window: int) -> None:
+    def __init__(self, capacity: int, window: int, clock: Callable[[], int] | None = None) -> None:
         AnchorPool(capacity, window)  # validate once, early
         self.capacity = capacity
         self.window = window
         self._pools: dict[Hashable, AnchorPool] = {}
+        self._used: dict[Hashable, int] = {}
+        self._clock = clock or itertools.count().__next__
 
     def pool(self, key: Hashable) -> AnchorPool:
         if key not in self._pools:
             self._pools[key] = AnchorPool(self.capacity, self.window)
+        self._used[key] = self._clock()
         return self._pools[key]
 
     def get(self, key: Hashable) -> AnchorPool | None:
-        return self._pools.get(key)
+        pool = self._pools.get(key)
+        if pool is not None:
+            self._used[key] = self._clock()
+        return pool
+
+    def least_recent(self) -> tuple[Hashable, int] | None:
+        """The least recently used pool that holds anchors, and its last use."""
+        used = [(stamp, key) for key, stamp in self._used.items() if self._pools[key]]
+        if not used:
+            return None
+        stamp, key = min(used, key=lambda item: item[0])
+        return key, stamp
+
+    def evict_from(self, key: Hashable) -> Anchor | None:
+        """One anchor out of pool ``key`` by the pool's rule; an emptied pool is dropped."""
+        pool = self._pools[key]
+        evicted = pool.evict()
+        if not pool:
+            del self._pools[key], self._used[key]
+        return evicted
 
     def clear(self) -> None:
         self._pools.clear()
+        self._used.clear()
 
     def pools(self) -> list[AnchorPool]:
         return list(self._pools.values())

@@ -8,6 +8,7 @@ computed for.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -17,8 +18,13 @@ Tokens = tuple[int, ...]
 
 
 class BaseStore:
-    def __init__(self) -> None:
+    """``clock``: a shared counter that stamps each use, so the engine can weigh a base's last
+    use against an anchor pool's when memory runs short."""
+
+    def __init__(self, clock: Callable[[], int] | None = None) -> None:
         self._bases: OrderedDict[Tokens, KV] = OrderedDict()
+        self._used: dict[Tokens, int] = {}
+        self._clock = clock or itertools.count().__next__
 
     def __len__(self) -> int:
         return len(self._bases)
@@ -29,25 +35,38 @@ class BaseStore:
     def get(self, tokens: Tokens) -> KV | None:
         base = self._bases.get(tokens)
         if base is not None:
-            self._bases.move_to_end(tokens)
+            self._touch(tokens)
         return base
 
     def put(self, tokens: Tokens, base: KV) -> None:
         if base.num_tokens != len(tokens):
             raise ValueError(f"base KV has {base.num_tokens} tokens, content has {len(tokens)}")
         self._bases[tokens] = base
-        self._bases.move_to_end(tokens)
+        self._touch(tokens)
+
+    def oldest(self, keep: Callable[[KV], bool] = lambda _: False) -> tuple[Tokens, int] | None:
+        """The least recently used base that ``keep`` does not protect, and its last use."""
+        for tokens, base in self._bases.items():
+            if not keep(base):
+                return tokens, self._used[tokens]
+        return None
+
+    def pop(self, tokens: Tokens) -> KV:
+        del self._used[tokens]
+        return self._bases.pop(tokens)
 
     def pop_oldest(self, keep: Callable[[KV], bool] = lambda _: False) -> KV | None:
         """Remove the least recently used base that ``keep`` does not protect."""
-        for tokens, base in self._bases.items():
-            if not keep(base):
-                del self._bases[tokens]
-                return base
-        return None
+        found = self.oldest(keep)
+        return self.pop(found[0]) if found else None
 
     def values(self) -> list[KV]:
         return list(self._bases.values())
 
     def clear(self) -> None:
         self._bases.clear()
+        self._used.clear()
+
+    def _touch(self, tokens: Tokens) -> None:
+        self._bases.move_to_end(tokens)
+        self._used[tokens] = self._clock()

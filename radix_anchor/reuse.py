@@ -14,12 +14,14 @@ The engine calls three things, all in token positions of one prompt (a ``PromptL
   becomes the base KV of its response, which later prompts quote.
 
 Everything held (bases, anchors) is copied out of the engine's KV pool, in its dtype and on its
-device, and bounded by ``max_bytes``: least recently used bases that no anchor refers to go
-first, then anchors by their pools' eviction rule, largest pool first.
+device, and bounded by ``max_bytes``: bases that no anchor refers to and anchor pools share one
+least-recently-used order (a pool gives up anchors by its own eviction rule), so pools a workload
+stopped using go before the base of the answer just produced.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -99,8 +101,9 @@ class KVComm:
         self.rope = rope
         self.config = config
         self.distances = distances
-        self.bases = BaseStore()
-        self.anchors = AnchorStore(config.max_anchors, config.window)
+        clock = itertools.count().__next__  # one recency order for bases and anchor pools
+        self.bases = BaseStore(clock)
+        self.anchors = AnchorStore(config.max_anchors, config.window, clock)
 
     def plan(self, layout: PromptLayout, exact_len: int, end: int) -> Reuse | Fallback:
         """Reuse for tokens ``[start, end)`` of ``layout`` behind an exact prefix of
@@ -228,15 +231,20 @@ class KVComm:
         ]  # fmt: skip
 
     def _enforce_budget(self) -> None:
-        """Drop bases no anchor refers to (least recently used first): they free memory; then
-        anchors, from the largest pool, which may free more bases."""
+        """Free memory in one least-recently-used order over bases and anchor pools: the
+        oldest of (a base no anchor refers to, the least recently used pool) goes first; a
+        pool gives up one anchor at a time by its own rule. A fresh base is never dropped
+        while stale pools hold memory."""
         while self.nbytes > self.config.max_bytes:
             in_use = {id(a.base) for pool in self.anchors.pools() for a in pool}
-            if self.bases.pop_oldest(keep=lambda base, used=in_use: id(base) in used) is not None:
-                continue
-            pool = max(self.anchors.pools(), key=lambda p: p.nbytes, default=None)
-            if pool is None or pool.evict() is None:
+            base = self.bases.oldest(keep=lambda kv, used=in_use: id(kv) in used)
+            pool = self.anchors.least_recent()
+            if base is None and pool is None:
                 return
+            if pool is None or (base is not None and base[1] <= pool[1]):
+                self.bases.pop(base[0])
+            else:
+                self.anchors.evict_from(pool[0])
 
 
 def _held_bytes(kvs: Iterable[KV]) -> int:

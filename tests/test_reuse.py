@@ -137,6 +137,25 @@ def test_memory_bound_holds_and_keeps_the_newest():
     assert engine.nbytes == engine.report()["base_bytes"] + engine.report()["anchor_bytes"]
 
 
+def test_memory_pressure_drops_stale_anchor_pools_before_a_fresh_base():
+    contents = _contents(5)
+    layouts = [_layout(contents[2 * i], contents[2 * i + 1], prefix=(1, 2, 3 + i)) for i in (0, 1)]
+    dry = KVComm(ROPE)
+    for i, layout in enumerate(layouts):
+        _observe(dry, layout, seed=i)
+    fresh, answer = contents[4], _kv(len(contents[4]), seed=9)
+    budget = dry.nbytes + answer.nbytes // 2  # the answer fits once one anchor goes
+    engine = KVComm(ROPE, ReuseConfig(max_bytes=budget))
+    for i, layout in enumerate(layouts):
+        _observe(engine, layout, seed=i)
+    engine.anchors.get(layouts[1].slot_key(0))  # the second prompt's first pool: used lately
+    engine.observe_output(fresh, answer, position=20)
+    assert engine.nbytes <= budget
+    assert engine.bases.get(fresh) is not None  # the newest base stays
+    assert engine.anchors.get(layouts[0].slot_key(0)) is None  # the stalest pool paid, emptied
+    assert len(engine.anchors.get(layouts[1].slot_key(0))) == 1
+
+
 def test_base_store_drops_the_least_recently_used_unprotected_base():
     store = BaseStore()
     for i in range(3):
