@@ -32,20 +32,13 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from report import format_table
+from report import agreement, format_table
 from tasks import TASKS, Item, Task
 from tqdm import tqdm
 
 from kvcomm_frontend import Call, KVCommEndpoint, fully_connected
 from sglang_kvcomm.assets.models import MODELS, model_dir
 from sglang_kvcomm.server_process import ServerProcess, serving
-
-AGREE_TOKENS = 32
-
-
-def agreement(a: list[int], b: list[int]) -> float:
-    a, b = a[:AGREE_TOKENS], b[:AGREE_TOKENS]
-    return sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1)
 
 
 def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> list[Call]:

@@ -17,15 +17,13 @@ import sys
 import time
 
 import requests
-from report import format_table
+from report import agreement, format_table
 
 from kvcomm_frontend import Call, KVCommEndpoint, fully_connected
 from kvcomm_frontend.agents import extract_number
 from sglang_kvcomm.assets.datasets import gsm8k
 from sglang_kvcomm.assets.models import model_dir
 from sglang_kvcomm.server_process import ServerProcess, serving
-
-GREEDY_TOKENS = 32
 
 
 def say(message: str) -> None:
@@ -41,11 +39,6 @@ def run_program(url: str, questions: list[str], max_tokens: int, label: str) -> 
         )
         say(f"{label}: question {i}/{len(questions)} in {time.perf_counter() - t0:.1f}s")
     return endpoint.calls
-
-
-def agreement(a: list[int], b: list[int]) -> float:
-    a, b = a[:GREEDY_TOKENS], b[:GREEDY_TOKENS]
-    return sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1)
 
 
 def ms(values: list[float]) -> float:

@@ -1,4 +1,4 @@
-"""Plain-text tables for the benchmark scripts' stdout."""
+"""Plain-text tables for the benchmark scripts' stdout, and the agreement measure they share."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def _fmt(value: object) -> str:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+AGREE_TOKENS = 32
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Share of the first ``AGREE_TOKENS`` greedy tokens that two outputs have in common."""
+    a, b = a[:AGREE_TOKENS], b[:AGREE_TOKENS]
+    return sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), len(b), 1)
