@@ -6,6 +6,9 @@ Each agent's prompt starts with its own system prompt, so the shared text (the q
 other agents' answers) sits behind a different prefix in every prompt: the case a radix cache
 cannot reuse and KVCOMM targets. The question and the answers are marked ``shared``; the decision
 agent runs ``exact`` (estimated KV is known to change judges' choices).
+
+Role sets in the paper's style (five each, a program takes the first N, three by default) for
+math (GSM8K), knowledge questions (MMLU) and code (HumanEval).
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def agent_message(question: str, previous: list[tuple[str, str]]) -> str:
 def fully_connected(
     s,  # noqa: ANN001 (sglang program state)
     question: str,
-    roles: tuple[AgentRole, ...] = MATH_ROLES,
+    roles: tuple[AgentRole, ...] = MATH_ROLES[:3],
     decision: AgentRole = MATH_DECISION,
     max_tokens: int = 96,
     decision_max_tokens: int = 24,
