@@ -55,11 +55,6 @@ class BaseStore:
         del self._used[tokens]
         return self._bases.pop(tokens)
 
-    def pop_oldest(self, keep: Callable[[KV], bool] = lambda _: False) -> KV | None:
-        """Remove the least recently used base that ``keep`` does not protect."""
-        found = self.oldest(keep)
-        return self.pop(found[0]) if found else None
-
     def values(self) -> list[KV]:
         return list(self._bases.values())
 
