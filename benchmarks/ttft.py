@@ -88,7 +88,7 @@ class Bench:
             [self.ids(SEPARATOR) for _ in range(shape.agents + 1)],
         )
 
-    def run(self, ex: Exchange, shape: Shape, measured: bool) -> dict:
+    def run(self, ex: Exchange, shape: Shape, measured: bool) -> None:
         """One exchange; the samples of a measured one are kept in ``ex.samples``."""
         shared = [self.ids(shape.input)]
         sample = {"output": shape.output, "radix_ms": [], "kvcomm_ms": [], "reports": []}
@@ -108,7 +108,6 @@ class Bench:
         sample["floor_ms"] = self.radix.stream(tokens, 1)[0]
         if measured:
             ex.samples.append(sample)
-        return sample
 
 
 def per_agent(samples: list[dict], key: str) -> list[float]:
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give both --radix-url and --kvcomm-url, or neither (servers are started)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"args": {k: v for k, v in vars(args).items()}}
+    results: dict = {"args": dict(vars(args))}
     started = time.perf_counter()
     with ExitStack() as stack:
         urls = (args.radix_url, args.kvcomm_url)
