@@ -19,7 +19,7 @@ Results go to ``--out``: ``<task>-<model>-<agents>.jsonl`` (one line per item, a
 finishes: an interrupted run keeps what it did and ``--resume`` continues it), a summary JSON and
 a PNG. Starts both servers itself (CPU) unless given ``--radix-url`` and ``--kvcomm-url``.
 
-    python benchmarks/accuracy.py --task gsm8k --model smollm2 --agents 3 --limit 100
+    python benchmarks/accuracy.py --task gsm8k --model smollm2 --agents 3 --limit 100 --parallel 8
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -55,10 +56,28 @@ def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> l
     return endpoint.calls[first:]
 
 
-def evaluate(task: Task, item: Item, radix: KVCommEndpoint, kvcomm: KVCommEndpoint,
-             agents: int) -> dict:  # fmt: skip
-    dense_calls = run_item(radix, task, item, agents)
-    calls = run_item(kvcomm, task, item, agents)
+def evaluate(
+    task: Task,
+    batch: list[Item],
+    radix: list[KVCommEndpoint],
+    kvcomm: list[KVCommEndpoint],
+    agents: int,
+    pool: ThreadPoolExecutor,
+) -> list[dict]:
+    """Runs a batch of items concurrently (one endpoint pair each), one server at a time: all
+    dense programs, then all KVCOMM programs, then the dense replays. Two CPU servers decoding at
+    once would fight over the cores; one server batching the items' requests is 2-3x faster."""
+
+    def run(endpoints: list[KVCommEndpoint]) -> list[list[Call]]:
+        return list(pool.map(lambda ep, item: run_item(ep, task, item, agents), endpoints, batch))
+
+    dense, approx = run(radix), run(kvcomm)
+    return list(pool.map(lambda *a: score(task, *a), batch, kvcomm, dense, approx))
+
+
+def score(task: Task, item: Item, kvcomm: KVCommEndpoint, dense_calls: list[Call],
+          calls: list[Call]) -> dict:  # fmt: skip
+    """One item's record; replays each reused call densely on the KVCOMM server."""
     answers = {name: task.answer(c[-1].text) for name, c in (("dense", dense_calls),
                                                             ("kvcomm", calls))}  # fmt: skip
     reused = []
@@ -153,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kvcomm-args", default="",
                         help="extra flags for the --kvcomm server this script starts, e.g. "
                              "'--kvcomm-threshold 0.5'")  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="items run concurrently (batched by the server; the KVCOMM anchor "
+                             "pool then sees them in a timing-dependent order)")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/out", help="output folder")
     parser.add_argument(
         "--resume",
@@ -184,17 +206,31 @@ def main(argv: list[str] | None = None) -> int:
             kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()])
             stack.enter_context(serving(radix, kvcomm))
             urls = (radix.url, kvcomm.url)
-        endpoints = [KVCommEndpoint(url, tokenizer_path=str(model)) for url in urls]
-        records = []
-        with open(lines, "a") as sink:
-            for item in tqdm(items, desc=stem, unit="item", file=sys.stdout):
-                if item.id in done:
-                    records.append(done[item.id])
-                    continue
-                record = evaluate(task, item, *endpoints, args.agents)
-                records.append(record)
-                sink.write(json.dumps(record) + "\n")
+        radix_eps, kvcomm_eps = (
+            [KVCommEndpoint(url, tokenizer_path=str(model)) for _ in range(args.parallel)]
+            for url in urls
+        )
+        todo = [item for item in items if item.id not in done]
+        pool = stack.enter_context(ThreadPoolExecutor(args.parallel))
+        with (
+            open(lines, "a") as sink,
+            tqdm(
+                total=len(items),
+                initial=len(items) - len(todo),
+                desc=stem,
+                unit="item",
+                file=sys.stdout,
+            ) as bar,
+        ):
+            for start in range(0, len(todo), args.parallel):
+                batch = todo[start : start + args.parallel]
+                for record in evaluate(task, batch, radix_eps, kvcomm_eps, args.agents,
+                                       pool):  # fmt: skip
+                    done[record["id"]] = record
+                    sink.write(json.dumps(record) + "\n")
                 sink.flush()
+                bar.update(len(batch))
+        records = [done[item.id] for item in items]
     summary = {"task": task.name, "model": str(args.model), "agents": args.agents,
                "kvcomm_args": args.kvcomm_args, "wall_s": time.perf_counter() - started,
                **summarize(records)}  # fmt: skip

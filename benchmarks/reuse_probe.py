@@ -24,6 +24,8 @@ from pathlib import Path
 
 from token_client import TokenClient
 
+from sglang_kvcomm.protocol import report_from_meta
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def call(tokens: list[int], spans: list[int], mode: str) -> tuple[float, dict]:
         ms, meta = client.first_token(tokens, {"kvcomm_mode": mode, "kvcomm_spans": spans})
-        return ms, (meta.get("kvcomm") or [{}])[0]
+        return ms, report_from_meta(meta)
 
     def contents() -> list[list[int]]:
         return [ids(args.input)] + [ids(args.response) for _ in range(args.responses)]

@@ -45,6 +45,7 @@ from token_client import TokenClient
 from tqdm import tqdm
 
 from sglang_kvcomm.assets.models import MODELS, model_dir
+from sglang_kvcomm.protocol import report_from_meta
 from sglang_kvcomm.server_process import ServerProcess, serving
 
 SEPARATOR = 8  # tokens of fixed text before each shared span and at the end
@@ -98,7 +99,7 @@ class Bench:
             custom = {"kvcomm_mode": "approx", "kvcomm_spans": spans,
                       "kvcomm_agent": f"agent{agent + 1}"}  # fmt: skip
             ms, out, meta = self.kvcomm.stream(tokens, 1 if last else shape.output + 1, custom)
-            report = (meta.get("kvcomm") or [{}])[0]
+            report = report_from_meta(meta)
             sample["kvcomm_ms"].append(ms)
             sample["reports"].append(report)
             radix_ms, _, _ = self.radix.stream(tokens, 1)

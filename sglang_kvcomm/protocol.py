@@ -17,6 +17,10 @@ by a client-chosen name, so reused KV always belongs to exactly these tokens.
 ``approx`` allows estimated KV for the spans; ``exact`` uses only exact prefix reuse; ``off``
 disables the extension for the request. Malformed metadata raises ``ProtocolError`` with a
 message meant for the client (the server answers 400).
+
+The answer's ``meta_info["kvcomm"]`` is ``[report]``: what the server did with the request
+(``decision``, fallback ``reason``, token counts, ``overhead_ms``). SGLang's customized info
+holds one value per request of a batch, hence the list; ``report_from_meta`` unwraps it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ MODES: tuple[Mode, ...] = ("approx", "exact", "off")
 PREFIX = "kvcomm_"
 MODE, AGENT, SPANS = (PREFIX + k for k in ("mode", "agent", "spans"))
 _KEYS = (MODE, AGENT, SPANS)
+META_KEY = "kvcomm"
 _MAX_NAME = 256
 
 
@@ -111,3 +116,8 @@ def _segments(spans: Any, num_input_ids: int | None) -> tuple[SharedSegment, ...
 
 def _is_name(value: Any) -> bool:
     return isinstance(value, str) and len(value) <= _MAX_NAME
+
+
+def report_from_meta(meta_info: Mapping[str, Any]) -> dict:
+    """The server's report in a response's meta info; ``{}`` from a server without --kvcomm."""
+    return dict((meta_info.get(META_KEY) or [{}])[0] or {})

@@ -33,15 +33,13 @@ from radix_anchor.reuse import Fallback, KVComm, ReuseConfig
 from radix_anchor.rope import RopeSpec
 from sglang_kvcomm.config import KVCommConfig
 from sglang_kvcomm.kv_pool import PoolKV
-from sglang_kvcomm.protocol import KVCommRequest, ProtocolError, from_custom_params
+from sglang_kvcomm.protocol import META_KEY, KVCommRequest, ProtocolError, from_custom_params
 from sglang_kvcomm.stats import KVCommStats
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
 
 logger = logging.getLogger(__name__)
-
-META_KEY = "kvcomm"  # meta_info["kvcomm"] == [report]
 
 
 @dataclass

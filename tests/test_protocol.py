@@ -10,6 +10,7 @@ from sglang_kvcomm.protocol import (
     ProtocolError,
     SharedSegment,
     from_custom_params,
+    report_from_meta,
 )
 
 
@@ -63,3 +64,11 @@ def test_malformed_metadata_is_refused(params, num_ids, message):
 def test_custom_params_must_be_an_object():
     with pytest.raises(ProtocolError, match="custom_params must be an object"):
         from_custom_params([1, 2], 10)
+
+
+def test_report_from_meta_unwraps_the_per_request_list():
+    report = {"decision": "reuse", "tokens_estimated": 40}
+    assert report_from_meta({"kvcomm": [report]}) == report
+    # a stock server sends no key; a request the extension never saw has None
+    assert report_from_meta({"prompt_tokens": 9}) == {}
+    assert report_from_meta({"kvcomm": [None]}) == {}

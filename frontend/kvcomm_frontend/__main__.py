@@ -10,6 +10,7 @@ import json
 
 from kvcomm_frontend.agents import fully_connected
 from kvcomm_frontend.endpoint import KVCommEndpoint
+from sglang_kvcomm.protocol import report_from_meta
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                     "prompt_tokens": meta["prompt_tokens"],
                     "cached_tokens": meta["cached_tokens"],
                     "ttft_s": meta["client_ttft_s"],
-                    "kvcomm": (meta.get("kvcomm") or [None])[0],
+                    "kvcomm": report_from_meta(meta) or None,
                 }
             )
         )

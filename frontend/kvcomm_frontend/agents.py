@@ -58,7 +58,8 @@ MATH_ROLES = (
 MATH_DECISION = AgentRole(
     "Decision Maker",
     "You are the decision maker of a team of math agents. Read the problem and the agents' "
-    "answers, decide which final answer is right and reply only with 'The answer is N.'",
+    "answers, decide which final answer is right and reply only with 'The answer is N.' "
+    "where N is that number.",
 )
 
 _CHOICE = "finish with 'The answer is X.' where X is one of A, B, C, D."

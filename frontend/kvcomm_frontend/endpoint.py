@@ -25,6 +25,7 @@ from sglang.utils import http_request
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kvcomm_frontend.markup import Markup, parse
+from sglang_kvcomm.protocol import report_from_meta
 
 _KNOWN_OUTPUTS = 4096  # generations remembered for verbatim quoting
 
@@ -69,7 +70,7 @@ class Call:
     @property
     def kvcomm(self) -> dict:
         """The server's per-request report ({} from a server without --kvcomm)."""
-        return (self.meta.get("kvcomm") or [{}])[0] or {}
+        return report_from_meta(self.meta)
 
 
 class KVCommEndpoint(RuntimeEndpoint):
