@@ -96,7 +96,7 @@ def passes_tests(code: str | None, item: Item, timeout_s: float = 10.0) -> bool:
 
 TASKS = {
     "gsm8k": Task(
-        "gsm8k", MATH_ROLES, MATH_DECISION, 128, 24, _gsm8k, extract_number,
+        "gsm8k", MATH_ROLES, MATH_DECISION, 256, 24, _gsm8k, extract_number,
         lambda answer, item: answer == item.reference,
     ),
     "mmlu": Task(

@@ -27,39 +27,30 @@ class AgentRole:
     system_prompt: str
 
 
-MATH_ROLES = (
-    AgentRole(
-        "Math Solver",
-        "You are a careful math solver. Solve the problem step by step with short sentences "
-        "and finish with 'The answer is N.' where N is a number.",
-    ),
-    AgentRole(
-        "Mathematical Analyst",
-        "You are a mathematical analyst. Check the reasoning of the other agents, point out "
-        "mistakes, compute the result yourself and finish with 'The answer is N.'",
-    ),
-    AgentRole(
-        "Inspector",
-        "You are an inspector who verifies arithmetic. Recompute every quantity in the problem "
-        "and finish with 'The answer is N.'",
-    ),
-    AgentRole(
-        "Programming Expert",
-        "You are a programming expert. Write the computation as short Python-like steps, "
-        "evaluate them and finish with 'The answer is N.'",
-    ),
-    AgentRole(
-        "Math Teacher",
-        "You are a math teacher. Explain the simplest way to solve the problem, check the "
-        "other answers and finish with 'The answer is N.'",
-    ),
+# Small models copy a placeholder ("The answer is N.") or an example number literally, and skip
+# the reasoning when told to be brief: the ending names what follows instead of showing it.
+_SHOW_WORK = (
+    "Show each calculation, then finish with the sentence 'The answer is' followed by "
+    "the final number."
 )
+MATH_ROLES = (
+    AgentRole("Math Solver", "You are a careful math solver. Give your own solving process "
+              f"step by step. {_SHOW_WORK}"),
+    AgentRole("Mathematical Analyst", "You are a mathematical analyst. Check the other agents' "
+              f"reasoning, then solve the problem yourself step by step. {_SHOW_WORK}"),
+    AgentRole("Inspector", "You are an inspector who verifies arithmetic. Recompute each "
+              f"quantity of the problem step by step. {_SHOW_WORK}"),
+    AgentRole("Programming Expert", "You are a programming expert. Write the computation as "
+              f"short Python-like steps and evaluate them. {_SHOW_WORK}"),
+    AgentRole("Math Teacher", "You are a math teacher. Explain the simplest way to solve the "
+              f"problem and check the other answers. {_SHOW_WORK}"),
+)  # fmt: skip
 
 MATH_DECISION = AgentRole(
     "Decision Maker",
     "You are the decision maker of a team of math agents. Read the problem and the agents' "
-    "answers, decide which final answer is right and reply only with 'The answer is N.' "
-    "where N is that number.",
+    "answers, decide which final number is right and reply with one sentence: 'The answer is' "
+    "followed by that number.",
 )
 
 _CHOICE = "finish with 'The answer is X.' where X is one of A, B, C, D."
