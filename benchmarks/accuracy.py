@@ -175,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1,
                         help="items run concurrently (batched by the server; the KVCOMM anchor "
                              "pool then sees them in a timing-dependent order)")  # fmt: skip
+    parser.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=16384,
+        help="KV pool (tokens) of each server this script starts; with --parallel N it holds "
+        "N prompts at once, and the cached ones",
+    )
     parser.add_argument("--out", default="benchmarks/out", help="output folder")
     parser.add_argument(
         "--resume",
@@ -202,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             urls = (args.radix_url, args.kvcomm_url)
         else:
             print(f"[accuracy] starting a stock and a --kvcomm CPU server with {model}", flush=True)
-            radix = ServerProcess(model, [])
-            kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()])
+            pool_tokens = {"max_total_tokens": args.max_total_tokens}
+            radix = ServerProcess(model, [], **pool_tokens)
+            kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()], **pool_tokens)
             stack.enter_context(serving(radix, kvcomm))
             urls = (radix.url, kvcomm.url)
         radix_eps, kvcomm_eps = (
