@@ -29,9 +29,13 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
+from queue import Queue
+from typing import TypeVar
 
 from report import agreement, format_table
 from tasks import TASKS, Item, Task
@@ -40,6 +44,9 @@ from tqdm import tqdm
 from kvcomm_frontend import Call, KVCommEndpoint, fully_connected
 from sglang_kvcomm.assets.models import MODELS, model_dir
 from sglang_kvcomm.server_process import ServerProcess, serving
+
+R = TypeVar("R")
+CHUNK_PER_THREAD = 4  # items per thread between two phase switches (results are saved per chunk)
 
 
 def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> list[Call]:
@@ -58,24 +65,37 @@ def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> l
 
 def evaluate(
     task: Task,
-    batch: list[Item],
-    radix: list[KVCommEndpoint],
-    kvcomm: list[KVCommEndpoint],
+    chunk: list[Item],
+    radix: Queue[KVCommEndpoint],
+    kvcomm: Queue[KVCommEndpoint],
     agents: int,
     pool: ThreadPoolExecutor,
 ) -> list[dict]:
-    """Runs a batch of items concurrently (one endpoint pair each), one server at a time: all
-    dense programs, then all KVCOMM programs, then the dense replays. Two CPU servers decoding at
-    once would fight over the cores; one server batching the items' requests is 2-3x faster."""
+    """Runs a chunk of items on the pool's threads, one server at a time: all dense programs,
+    then all KVCOMM programs, then the dense replays. Two CPU servers decoding at once would
+    fight over the cores; one server batching concurrent items' requests is 2-3x faster. Each
+    phase ends with its slowest item, so chunks hold several items per thread."""
 
-    def run(endpoints: list[KVCommEndpoint]) -> list[list[Call]]:
-        return list(pool.map(lambda ep, item: run_item(ep, task, item, agents), endpoints, batch))
+    def lend(endpoints: Queue[KVCommEndpoint], fn: Callable[..., R]) -> Callable[..., R]:
+        # an endpoint records the calls of the program it runs: one program at a time
+        def call(*args: object) -> R:
+            endpoint = endpoints.get()
+            try:
+                return fn(endpoint, *args)
+            finally:
+                endpoints.put(endpoint)
 
-    dense, approx = run(radix), run(kvcomm)
-    return list(pool.map(lambda *a: score(task, *a), batch, kvcomm, dense, approx))
+        return call
+
+    def program(endpoint: KVCommEndpoint, item: Item) -> list[Call]:
+        return run_item(endpoint, task, item, agents)
+
+    dense = list(pool.map(lend(radix, program), chunk))
+    approx = list(pool.map(lend(kvcomm, program), chunk))
+    return list(pool.map(lend(kvcomm, partial(score, task)), chunk, dense, approx))
 
 
-def score(task: Task, item: Item, kvcomm: KVCommEndpoint, dense_calls: list[Call],
+def score(task: Task, kvcomm: KVCommEndpoint, item: Item, dense_calls: list[Call],
           calls: list[Call]) -> dict:  # fmt: skip
     """One item's record; replays each reused call densely on the KVCOMM server."""
     answers = {name: task.answer(c[-1].text) for name, c in (("dense", dense_calls),
@@ -214,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()], **pool_tokens)
             stack.enter_context(serving(radix, kvcomm))
             urls = (radix.url, kvcomm.url)
-        radix_eps, kvcomm_eps = (
-            [KVCommEndpoint(url, tokenizer_path=str(model)) for _ in range(args.parallel)]
-            for url in urls
-        )
+        radix_eps, kvcomm_eps = Queue(), Queue()
+        for _ in range(args.parallel):
+            radix_eps.put(KVCommEndpoint(urls[0], tokenizer_path=str(model)))
+            kvcomm_eps.put(KVCommEndpoint(urls[1], tokenizer_path=str(model)))
         todo = [item for item in items if item.id not in done]
         pool = stack.enter_context(ThreadPoolExecutor(args.parallel))
         with (
@@ -230,14 +250,15 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stdout,
             ) as bar,
         ):
-            for start in range(0, len(todo), args.parallel):
-                batch = todo[start : start + args.parallel]
-                for record in evaluate(task, batch, radix_eps, kvcomm_eps, args.agents,
+            size = args.parallel * CHUNK_PER_THREAD
+            for start in range(0, len(todo), size):
+                chunk = todo[start : start + size]
+                for record in evaluate(task, chunk, radix_eps, kvcomm_eps, args.agents,
                                        pool):  # fmt: skip
                     done[record["id"]] = record
                     sink.write(json.dumps(record) + "\n")
                 sink.flush()
-                bar.update(len(batch))
+                bar.update(len(chunk))
         records = [done[item.id] for item in items]
     summary = {"task": task.name, "model": str(args.model), "agents": args.agents,
                "kvcomm_args": args.kvcomm_args, "wall_s": time.perf_counter() - started,
