@@ -46,7 +46,7 @@ from sglang_kvcomm.assets.models import MODELS, model_dir
 from sglang_kvcomm.server_process import ServerProcess, serving
 
 R = TypeVar("R")
-CHUNK_PER_THREAD = 4  # items per thread between two phase switches (results are saved per chunk)
+CHUNK_PER_THREAD = 2  # items per thread between two phase switches (results are saved per chunk)
 
 
 def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> list[Call]:
