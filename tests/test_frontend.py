@@ -14,6 +14,8 @@ from kvcomm_frontend.markup import parse
         ("The answer is -3.5.", "-3.5"),
         ("It costs 12 and then 18", "18"),
         ("The answer is 18.0", "18"),
+        # the LaTeX that Qwen2.5-Coder writes around its result
+        ("6 * 8 = 48\n\nThe answer is \\(\\boxed{48}\\) dollars.", "48"),
         ("no digits here", None),
     ],
 )
