@@ -73,8 +73,8 @@ def evaluate(
 ) -> list[dict]:
     """Runs a chunk of items on the pool's threads, one server at a time: all dense programs,
     then all KVCOMM programs, then the dense replays. Two CPU servers decoding at once would
-    fight over the cores; one server batching concurrent items' requests is 2-3x faster. Each
-    phase ends with its slowest item, so chunks hold several items per thread."""
+    fight over the cores; one server batches the concurrent items' decodes. Each phase ends
+    with its slowest item, so chunks hold several items per thread."""
 
     def lend(endpoints: Queue[KVCommEndpoint], fn: Callable[..., R]) -> Callable[..., R]:
         # an endpoint records the calls of the program it runs: one program at a time
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             urls = (args.radix_url, args.kvcomm_url)
         else:
             print(f"[accuracy] starting a stock and a --kvcomm CPU server with {model}", flush=True)
-            pool_tokens = {"max_total_tokens": args.max_total_tokens}
-            radix = ServerProcess(model, [], **pool_tokens)
-            kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()], **pool_tokens)
+            radix = ServerProcess(model, [], max_total_tokens=args.max_total_tokens)
+            kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()],
+                                   max_total_tokens=args.max_total_tokens)  # fmt: skip
             stack.enter_context(serving(radix, kvcomm))
             urls = (radix.url, kvcomm.url)
         radix_eps, kvcomm_eps = Queue(), Queue()
