@@ -63,6 +63,7 @@ class Anchor:
     following_ids: tuple[int, ...]
     position: int  # where the content started in the observed prompt (for authors' mode)
     activations: int = 0
+    context: Hashable = None  # the observed prompt up to the end of ``following``, if known
 
     def __post_init__(self) -> None:
         if self.ph_offset.k.shape != self.base.k.shape:
@@ -79,9 +80,11 @@ class Anchor:
         following_ids: tuple[int, ...],
         position: int,
         rope: RopeSpec,
+        context: Hashable = None,
     ) -> Anchor:
         """An anchor from a dense prefill: ``content`` measured at ``position ..``, ``following``
-        right after it; both are de-rotated to the position-0 frame."""
+        right after it; both are de-rotated to the position-0 frame. ``context`` identifies the
+        tokens it was measured in (two anchors of one context are the same sample)."""
         if content.k.shape != base.k.shape:
             raise ValueError(
                 f"measured content {tuple(content.k.shape)} != base {tuple(base.k.shape)}"
@@ -96,6 +99,7 @@ class Anchor:
             following=KV(rotate(following.k, -(position + base.num_tokens), rope), following.v),
             following_ids=tuple(following_ids),
             position=position,
+            context=context,
         )
 
     @property
@@ -133,6 +137,11 @@ class AnchorPool:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._anchors)
+
+    def holds(self, context: Hashable) -> bool:
+        """Whether an anchor measured in ``context`` is pooled: a second one would be the same
+        sample again, splitting the gate's weight between two copies."""
+        return context is not None and any(a.context == context for a in self._anchors)
 
     def add(self, anchor: Anchor) -> Anchor | None:
         """Insert ``anchor``; returns the evicted anchor when the pool was full."""

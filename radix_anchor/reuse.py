@@ -8,8 +8,9 @@ The engine calls three things, all in token positions of one prompt (a ``PromptL
   every shared span from ``start`` on to have a base KV and to pass the entropy gate of its pool;
   it is all or nothing, as in the paper.
 - ``observe_prefill(layout, read)`` after a dense prefill: each span's measured KV and that of the
-  fixed segment after it become an anchor of the span's pool; a content seen for the first time
-  gets its measured KV (de-rotated) as base KV.
+  fixed segment after it become an anchor of the span's pool, unless the pool already holds one
+  measured in the same tokens; a content seen for the first time gets its measured KV
+  (de-rotated) as base KV.
 - ``observe_output(tokens, kv, position)`` when a request finishes: the KV its decode produced
   becomes the base KV of its response, which later prompts quote.
 
@@ -79,10 +80,33 @@ class Reuse:
         return KV(torch.cat([p.k for p in parts], 1), torch.cat([p.v for p in parts], 1))
 
 
+# Every reason a request is prefilled densely (the categories reports count), in one place.
+FALLBACK_REASONS = (
+    # KVComm.plan and the entropy gate
+    "no shared spans",
+    "exact prefix covers the shared spans",
+    "prefix not cached",
+    "nothing to estimate",
+    "no base KV",
+    "following segment unseen",
+    "warm-up",
+    "entropy",
+    # the engine's
+    "mode off",
+    "mode exact",
+    "retracted",
+    "KV pool full",
+)
+
+
 @dataclass(frozen=True)
 class Fallback:
-    reason: str  # a short category (counted in reports)
+    reason: str  # one of FALLBACK_REASONS
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in FALLBACK_REASONS:
+            raise ValueError(f"unknown fallback reason {self.reason!r}")
 
 
 DistanceFn = Callable[[KV, list[KV]], Distances]
@@ -171,6 +195,10 @@ class KVComm:
     def observe_prefill(self, layout: PromptLayout, read: Read) -> None:
         """Learn anchors from a dense prefill of ``layout`` (one per span)."""
         for j, (start, end) in enumerate(layout.spans):
+            pool = self.anchors.pool(layout.slot_key(j))
+            context = layout.tokens[: layout.following_end(j)]
+            if pool.holds(context):
+                continue  # e.g. an exact prefix hit on the prompt that taught it
             content = read(start, end)
             following = read(end, layout.following_end(j))
             tokens = layout.content(j)
@@ -179,9 +207,9 @@ class KVComm:
                 base = self._position_zero(content, start)
                 self.bases.put(tokens, base)
             anchor = Anchor.from_dense(
-                base, content, following, layout.following(j), start, self.rope
+                base, content, following, layout.following(j), start, self.rope, context
             )
-            self.anchors.pool(layout.slot_key(j)).add(anchor)
+            pool.add(anchor)
         self._enforce_budget()
 
     def observe_output(self, tokens: tuple[int, ...], kv: KV, position: int) -> None:

@@ -126,6 +126,18 @@ _CONFLICTS = {
 }
 
 
+# Parallel and speculative modes the reuse path does not serve yet: each refused by its flag.
+# A tensor-parallel rank sees only its KV-head shard, so ranks would gate on different KV and
+# could disagree (hang, or serve wrong KV); the others change who runs the prefix match.
+_UNSUPPORTED = (
+    ("tp_size", "--tp-size", lambda v: v not in (None, 1)),
+    ("pp_size", "--pp-size", lambda v: v not in (None, 1)),
+    ("enable_dp_attention", "--enable-dp-attention", bool),
+    ("speculative_algorithm", "--speculative-algorithm", lambda v: v is not None),
+    ("disaggregation_mode", "--disaggregation-mode", lambda v: v not in (None, "null")),
+)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--kvcomm`` and its options to SGLang's server parser."""
     group = parser.add_argument_group(
@@ -164,6 +176,10 @@ def config_from_cli_args(args: argparse.Namespace) -> KVCommConfig | None:
     for field, option in _CONFLICTS.items():
         if getattr(args, field, False):
             raise KVCommConfigError(f"--kvcomm cannot be combined with {option}")
+    for field, option, unsupported in _UNSUPPORTED:
+        value = getattr(args, field, None)
+        if unsupported(value):
+            raise KVCommConfigError(f"--kvcomm does not support {option} {value} yet")
     backend = getattr(args, "radix_cache_backend", None)
     if backend not in (None, BACKEND_NAME):
         raise KVCommConfigError(

@@ -27,6 +27,7 @@ from sglang_kvcomm.protocol import from_custom_params
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import GetInternalStateReqOutput
+    from sglang.srt.managers.schedule_policy import PrefillAdder
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
@@ -42,8 +43,8 @@ _FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 _LAUNCH_HTTP_SERVER = "sglang.srt.entrypoints.http_server.launch_server"
 _GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 _VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
-_ABORT_REQUEST = "sglang.srt.managers.scheduler.Scheduler.abort_request"
-_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
+_OPEN_ROUND = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
+_CLOSE_ROUND = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 
 
 def register() -> None:
@@ -65,8 +66,8 @@ def register() -> None:
     HookRegistry.register(_LAUNCH_HTTP_SERVER, _before_launch_http_server, HookType.BEFORE)
     HookRegistry.register(_GET_INTERNAL_STATE, _after_get_internal_state, HookType.AFTER)
     HookRegistry.register(_VALIDATE_REQUEST, _before_validate_request, HookType.BEFORE)
-    HookRegistry.register(_ABORT_REQUEST, _before_abort_request, HookType.BEFORE)
-    HookRegistry.register(_ON_IDLE, _before_on_idle, HookType.BEFORE)
+    HookRegistry.register(_OPEN_ROUND, _after_open_round, HookType.AFTER)
+    HookRegistry.register(_CLOSE_ROUND, _after_close_round, HookType.AFTER)
 
 
 def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
@@ -135,7 +136,12 @@ def _build_tree_cache(ctx: TreeCacheBuildContext) -> KVCommRadixCache:
         rope = rope_for_model(ctx.model_config.hf_config, rotary)
     except UnsupportedRopeError as exc:
         raise ValueError(f"--kvcomm cannot serve {type(model).__name__}: {exc}") from exc
-    return KVCommRadixCache(ctx.params, KVCommConfig.from_env(), rope)
+    metrics = None
+    if getattr(ctx.server_args, "enable_metrics", False):
+        from sglang_kvcomm.metrics import KVCommMetrics
+
+        metrics = KVCommMetrics(ctx.server_args.served_model_name)
+    return KVCommRadixCache(ctx.params, KVCommConfig.from_env(), rope, metrics)
 
 
 def _after_get_internal_state(
@@ -147,24 +153,15 @@ def _after_get_internal_state(
         result.internal_state["kvcomm"] = report()
 
 
-def _before_abort_request(scheduler: Scheduler, recv_req: object, *args: object) -> None:
-    """Queued requests are dropped without the cache hearing of it: free their estimated KV
-    (the scheduler's own selection rule, ``Scheduler.abort_request``)."""
-    release = getattr(scheduler.tree_cache, "release_unadmitted", None)
-    if release is None:
-        return
-    abort_all, prefix = getattr(recv_req, "abort_all", False), getattr(recv_req, "rid", "")
-    rids = [r.rid for r in scheduler.waiting_queue if abort_all or r.rid.startswith(prefix)]
-    if rids:
-        release(rids)
+def _after_open_round(_result: None, adder: PrefillAdder, *args: object, **kwargs: object) -> None:
+    """An admission round starts: estimates planned in it come out of this adder's budget."""
+    begin = getattr(adder.tree_cache, "begin_round", None)
+    if begin is not None:
+        begin(adder)
 
 
-def _before_on_idle(scheduler: Scheduler, *args: object) -> None:
-    """Safety net before SGLang's idle leak check: with no request left, estimated KV held for
-    a request that was never admitted (dropped from the queue by a timeout or a preemption)
-    belongs to nobody."""
-    release = getattr(scheduler.tree_cache, "release_unadmitted", None)
-    if release is not None and scheduler.is_fully_idle():
-        released = release(None)
-        if released:
-            logger.warning("kvcomm: freed the estimated KV of %d dropped request(s)", released)
+def _after_close_round(_result: object, scheduler: Scheduler, *args: object) -> None:
+    """The round's prefill batch is formed (or none): free estimates nobody was admitted with."""
+    end = getattr(scheduler.tree_cache, "end_round", None)
+    if end is not None:
+        end()

@@ -1,15 +1,22 @@
 """The ``kvcomm`` radix-cache backend: SGLang's RadixCache plus KVCOMM's cross-context reuse.
 
 - ``match_prefix``, on the call that admits a request (it carries the Req and a limit): the exact
-  radix match, then ``KVComm.plan``. On reuse it allocates slots for the rest of the prompt but
-  its last ``tail_tokens``, writes the estimated KV there and returns ``exact[:start] + slots``
-  with ``cache_protected_len = start``: SGLang prefills only the tail and frees the estimated
-  slots with the request. The request is marked ``skip_radix_cache_insert``, so approximate KV
-  never enters the tree and no other request (exact, off, or without metadata) can match it.
-- ``cache_unfinished_req`` / ``cache_finished_req``: after a dense prefill of an ``approx``
-  request its spans become anchors; when a request finishes, its decode's KV becomes the base KV
-  of its response.
-- ``reset`` (``/flush_cache``) also forgets bases and anchors.
+  radix match, then ``KVComm.plan``. A reuse must fit the admission round's budget (the
+  scheduler's ``PrefillAdder``, registered by ``begin_round``): its estimate plus what the request
+  still needs, so the estimate never takes tokens the adder promised to requests admitted
+  earlier in the round. It allocates slots for the rest of the prompt but its last
+  ``tail_tokens``, writes the estimated KV there and returns ``exact[:start] + slots`` with
+  ``cache_protected_len = start``: SGLang prefills only the tail and frees the estimated slots
+  with the request.
+- ``end_round``, after the scheduler formed its prefill batch: an estimate of a request that was
+  not admitted is freed (a queued request holds nothing, however it later leaves the queue); an
+  admitted one is owned by the request, and its anchors earn their activation.
+- Approximate KV never enters the tree: ``cache_unfinished_req`` of a request served with an
+  estimate only advances its prefix (chunked prefill) and ``cache_finished_req`` frees it.
+- Learning, when a request finishes: after a dense prefill of an ``approx`` request its spans
+  become anchors; its decode's KV becomes the base KV of its response. The request is counted
+  then, at its final decision.
+- ``reset`` (``/flush_cache``) also forgets bases, anchors and pending estimates.
 
 SGLang-side details and why they hold: ``docs/reuse-path.md``.
 """
@@ -23,30 +30,38 @@ from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
+from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 import kvcomm_kernels
 from radix_anchor.prompt import PromptLayout
-from radix_anchor.reuse import Fallback, KVComm, ReuseConfig
+from radix_anchor.reuse import Fallback, KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import RopeSpec
 from sglang_kvcomm.config import KVCommConfig
 from sglang_kvcomm.kv_pool import PoolKV
+from sglang_kvcomm.metrics import KVCommMetrics
 from sglang_kvcomm.protocol import META_KEY, KVCommRequest, ProtocolError, from_custom_params
 from sglang_kvcomm.stats import KVCommStats
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.schedule_policy import PrefillAdder
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _RequestState:
+    """Everything the extension holds for one request, on the request (``req.kvcomm_state``)."""
+
     request: KVCommRequest
-    slots: torch.Tensor | None = None  # estimated KV, held until the request ends
+    slots: torch.Tensor | None = None  # estimated KV, freed by end_round or with the request
     start: int = 0  # the exact prefix returned with ``slots``
+    reuse: Reuse | None = None  # the plan behind ``slots``, until admitted
+    admitted: bool = False  # ``slots`` belong to the running request
+    report: dict | None = None  # the latest decision; counted when the request finishes
     counted: bool = False
     learned: bool = False
 
@@ -56,8 +71,15 @@ def _layout(req: Req, request: KVCommRequest) -> PromptLayout:
 
 
 class KVCommRadixCache(RadixCache):
-    def __init__(self, params: CacheInitParams, config: KVCommConfig, rope: RopeSpec) -> None:
+    def __init__(
+        self,
+        params: CacheInitParams,
+        config: KVCommConfig,
+        rope: RopeSpec,
+        metrics: KVCommMetrics | None = None,
+    ) -> None:
         self.kvcomm: KVComm | None = None  # RadixCache.__init__ calls reset()
+        self._pending: dict[str, Req] = {}  # holding an estimate, not admitted yet
         super().__init__(params)
         if self.page_size != 1:
             raise ValueError(f"--kvcomm needs --page-size 1, got {self.page_size}")
@@ -80,7 +102,8 @@ class KVCommRadixCache(RadixCache):
         self.kv_pool.warm_up(rope)
         warm_up_s = time.perf_counter() - started
         self.kvcomm_stats = KVCommStats()
-        self._pending: dict[str, Req] = {}  # requests holding estimated slots, not yet admitted
+        self.kvcomm_metrics = metrics
+        self._round: PrefillAdder | None = None
         logger.info(
             "KVCOMM tree cache: threshold(gamma)=%s max_anchors(V)=%s window(W)=%s "
             "max_memory=%dMiB tail_tokens=%d rope=%s/%d layers=%d kernels=%s (warm-up %.1fs)",
@@ -96,6 +119,32 @@ class KVCommRadixCache(RadixCache):
             warm_up_s,
         )
 
+    # -- admission rounds -------------------------------------------------------------------
+
+    def begin_round(self, adder: PrefillAdder) -> None:
+        """The scheduler opened an admission round: estimates come out of ``adder``'s budget."""
+        self._round = adder
+
+    def end_round(self) -> None:
+        """The round's batch is formed: admitted requests own their estimates, the others'
+        are freed (they are planned afresh when admission is tried again)."""
+        self._round = None
+        released = 0
+        for req in list(self._pending.values()):
+            state = req.kvcomm_state
+            if req.req_pool_idx is None:
+                self._release(req, state)
+                released += 1
+                continue
+            state.admitted = True
+            self.kvcomm.commit(state.reuse)
+            state.reuse = None
+        self._pending.clear()
+        if released:
+            self.kvcomm_stats.estimates_released += released
+            if self.kvcomm_metrics is not None:
+                self.kvcomm_metrics.released.labels(**self.kvcomm_metrics.labels).inc(released)
+
     # -- prefix match: decide, inject -------------------------------------------------------
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
@@ -106,8 +155,9 @@ class KVCommRadixCache(RadixCache):
         state = self._state(req)
         if state is None:
             return result
-        if state.slots is not None:
-            return self._reuse_again(req, state, result)
+        if state.admitted:
+            return self._with_estimate(result, state)  # a re-match of a running request
+        self._release(req, state)  # an earlier attempt's estimate: plan afresh
         return self._decide(req, state, result, params.key.limit)
 
     def _decide(
@@ -120,39 +170,56 @@ class KVCommRadixCache(RadixCache):
             self._record(req, state, "off", exact_len, Fallback("mode off"))
             return exact
         if request.mode == "exact":
-            outcome: Fallback | object = Fallback("mode exact")
+            outcome: Fallback | Reuse = Fallback("mode exact")
         elif req.output_ids:
             outcome = Fallback("retracted", "re-admitted with output tokens")
         else:
             layout = _layout(req, request)
             end = min(limit, len(layout.tokens) - self.tail_tokens)
             outcome = self.kvcomm.plan(layout, exact_len, end)
+        if not isinstance(outcome, Fallback):
+            outcome = self._inject(req, state, outcome, exact)
         if isinstance(outcome, Fallback):
             self._record(req, state, "dense", exact_len, outcome, started=started)
             return exact
-
-        reuse = outcome
-        slots = self._alloc(reuse.num_tokens, exact)
-        if slots is None:
-            self._record(req, state, "dense", exact_len, Fallback("KV pool full"), started=started)
-            return exact
-        self.kv_pool.write(reuse, slots, self.kvcomm_rope)
-        self.kvcomm.commit(reuse)
-        state.slots, state.start = slots, reuse.start
-        req.skip_radix_cache_insert = True
-        self._pending[req.rid] = req
         self._record(
-            req, state, "reuse", reuse.start, None, estimated=reuse.num_tokens, started=started
+            req, state, "reuse", outcome.start, None, estimated=outcome.num_tokens, started=started
         )
         return self._with_estimate(exact, state)
 
-    def _reuse_again(self, req: Req, state: _RequestState, exact: MatchResult) -> MatchResult:
-        """A later admission attempt of an injected request: same slots, fresh exact prefix."""
-        if len(exact.device_indices) >= state.start:
-            return self._with_estimate(exact, state)
-        self._release(req, state)  # the exact prefix was evicted meanwhile
-        self._record(req, state, "dense", len(exact.device_indices), Fallback("prefix evicted"))
-        return exact
+    def _inject(
+        self, req: Req, state: _RequestState, reuse: Reuse, exact: MatchResult
+    ) -> Reuse | Fallback:
+        """Allocate and write the estimate within the round's budget, or say why not."""
+        short = self._budget_shortfall(req, reuse)
+        if short is not None:
+            return Fallback("KV pool full", short)
+        slots = self._alloc(reuse.num_tokens, exact)
+        if slots is None:
+            return Fallback("KV pool full", f"no {reuse.num_tokens} free slots")
+        self.kv_pool.write(reuse, slots, self.kvcomm_rope)
+        state.slots, state.start, state.reuse = slots, reuse.start, reuse
+        self._pending[req.rid] = req
+        return reuse
+
+    def _budget_shortfall(self, req: Req, reuse: Reuse) -> str | None:
+        """Why the round cannot take the estimate plus the rest of the request, or None.
+
+        ``PrefillAdder.add_one_req`` admits a request when its extend plus its clipped
+        ``max_new_tokens`` plus a page stay below ``rem_total_tokens`` (free + evictable minus
+        what the round promised so far); the estimate's slots come out of the same tokens."""
+        adder = self._round
+        if adder is None:
+            return "no admission round"
+        max_new = min(
+            max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS
+        )
+        prefill = len(req.full_untruncated_fill_ids) - reuse.end
+        needed = reuse.num_tokens + prefill + max_new + self.page_size
+        budget = adder.rem_total_tokens
+        if needed >= budget:
+            return f"needs {needed} tokens, the round has {int(budget)}"
+        return None
 
     def _with_estimate(self, exact: MatchResult, state: _RequestState) -> MatchResult:
         return exact._replace(
@@ -170,55 +237,50 @@ class KVCommRadixCache(RadixCache):
         return allocator.alloc(n)
 
     def _release(self, req: Req, state: _RequestState) -> None:
-        """Free estimated slots that no admitted request owns yet."""
-        if state.slots is not None:
+        """Free an estimate no admitted request owns."""
+        if state.slots is not None and not state.admitted:
             self.token_to_kv_pool_allocator.free(state.slots)
-        state.slots = None
-        req.skip_radix_cache_insert = False
+            state.slots, state.reuse = None, None
         self._pending.pop(req.rid, None)
 
-    def release_unadmitted(self, rids: list[str] | None = None) -> int:
-        """Free the estimated slots of requests dropped before admission (aborted while
-        queued). ``rids``: those requests; None: every request not admitted (the scheduler is
-        idle). Returns how many were released."""
-        released = 0
-        for rid, req in list(self._pending.items()):
-            if req.req_pool_idx is not None:
-                self._pending.pop(rid)  # admitted: the request owns the slots now
-            elif rids is None or rid in rids:
-                self._release(req, req.kvcomm_state)
-                released += 1
-        return released
-
-    # -- learning: anchors after dense prefill, base KV after decode -------------------------
+    # -- after prefill and at the end: approximate KV stays out of the tree ----------------
 
     def cache_unfinished_req(self, req: Req, chunked: bool = False) -> None:
-        # Learning waits for cache_finished_req: here it would sit between the prefill and the
-        # first token's output (+6-10 ms of TTFT at 1K tokens, 8B, H100), and the prompt's KV
-        # stays in the request's slots until it finishes.
-        self._pending.pop(req.rid, None)
-        super().cache_unfinished_req(req, chunked=chunked)
+        state = self._state(req)
+        if state is None or not state.admitted:
+            super().cache_unfinished_req(req, chunked=chunked)
+            return
+        # Served with an estimate: nothing of it may enter the tree. The next chunk starts after
+        # what is computed so far; everything past ``cache_protected_len`` is freed at the end.
+        filled = len(req.get_fill_ids())
+        req.prefix_indices = self.req_to_token_pool.req_to_token[req.req_pool_idx, :filled].to(
+            torch.int64, copy=True
+        )
 
     def cache_finished_req(
         self, req: Req, is_insert: bool = True, *, kv_len_to_handle: int
     ) -> None:
-        self._pending.pop(req.rid, None)
+        # Learning waits for here: in cache_unfinished_req it would sit between the prefill and
+        # the first token's output (+6-10 ms of TTFT at 1K tokens, 8B, H100).
         state = self._state(req)
         if state is not None:
-            self._learn_from_prefill(req, kv_len_to_handle)
+            if not state.admitted:
+                self._learn_from_prefill(req, state, kv_len_to_handle)
             if req.finished() and not isinstance(req.finished_reason, FINISH_ABORT):
                 self._learn_from_output(req, state, kv_len_to_handle)
-            state.slots = None  # freed below with the request: they lie past cache_protected_len
-            req.skip_radix_cache_insert = False  # a retracted request is matched afresh
+            if req.finished():
+                self._count(state)
+            is_insert = is_insert and not state.admitted
+            # the estimate lies past cache_protected_len: freed below with the request
+            state.slots, state.admitted = None, False
         super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+        if state is not None and self.kvcomm_metrics is not None:
+            self.kvcomm_metrics.held(self.kvcomm.report(), len(self._pending))
 
-    def _learn_from_prefill(self, req: Req, kv_len: int) -> None:
-        state = self._state(req)
+    def _learn_from_prefill(self, req: Req, state: _RequestState, kv_len: int) -> None:
         input_len = len(req.origin_input_ids)
         if (
-            state is None
-            or state.learned
-            or state.slots is not None
+            state.learned
             or state.request.mode != "approx"
             or not state.request.segments
             or kv_len < input_len
@@ -265,31 +327,32 @@ class KVCommRadixCache(RadixCache):
         estimated: int = 0,
         started: float | None = None,
     ) -> None:
-        prompt = len(req.origin_input_ids)
-        report = {
+        state.report = {
             "decision": decision,
             "reason": fallback.reason if fallback else "",
             "detail": fallback.detail if fallback else "",
             "tokens_exact": exact,
             "tokens_estimated": estimated,
-            "tokens_prefilled": prompt - exact - estimated,
+            "tokens_prefilled": len(req.origin_input_ids) - exact - estimated,
             "agent": state.request.agent,
             # host time of the decision (plan, estimate, pool write as launched)
             "overhead_ms": 0.0 if started is None else 1000 * (time.perf_counter() - started),
         }
-        req.customized_info = {**(req.customized_info or {}), META_KEY: [report]}
-        if state.counted:
+        req.customized_info = {**(req.customized_info or {}), META_KEY: [state.report]}
+
+    def _count(self, state: _RequestState) -> None:
+        """Count a finished request once, at its final decision."""
+        if state.counted or state.report is None:
             return
         state.counted = True
-        stats = self.kvcomm_stats
-        stats.requests[decision] += 1
-        if decision == "dense":
-            stats.fallbacks[fallback.reason] += 1
-        stats.tokens_matched_exact += exact
-        stats.tokens_estimated += estimated
-        stats.tokens_prefilled += prompt - exact - estimated
+        self.kvcomm_stats.count(state.report)
+        if self.kvcomm_metrics is not None:
+            self.kvcomm_metrics.count(state.report)
 
     def reset(self) -> None:
+        for req in list(self._pending.values()):
+            self._release(req, req.kvcomm_state)
+        self._round = None
         super().reset()
         if self.kvcomm is not None:
             self.kvcomm.clear()

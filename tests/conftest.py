@@ -56,6 +56,7 @@ KVCOMM_ARGS = [
     "8",
     "--kvcomm-window",
     "3",
+    "--enable-metrics",  # the extension's counters on /metrics too (test_e2e_reuse)
 ]
 
 

@@ -67,6 +67,11 @@ def test_without_kvcomm_nothing_changes():
         (["--kvcomm-threshold", "0.5"], "--kvcomm-threshold"),  # option without --kvcomm
         (["--kvcomm", "--disable-radix-cache"], "--disable-radix-cache"),
         (["--kvcomm", "--radix-cache-backend", "other"], "--radix-cache-backend"),
+        (["--kvcomm", "--tp-size", "2"], "--tp-size"),
+        (["--kvcomm", "--pp-size", "2"], "--pp-size"),
+        (["--kvcomm", "--dp-size", "2", "--enable-dp-attention"], "--enable-dp-attention"),
+        (["--kvcomm", "--speculative-algorithm", "EAGLE"], "--speculative-algorithm"),
+        (["--kvcomm", "--disaggregation-mode", "prefill"], "--disaggregation-mode"),
     ],
 )
 def test_bad_values_name_the_flag(argv, flag):
@@ -77,6 +82,11 @@ def test_bad_values_name_the_flag(argv, flag):
 @pytest.mark.parametrize(("threshold", "max_anchors", "window"), [(0.0, 2, 1), (1.0, 2, 2)])
 def test_edges_are_accepted(threshold, max_anchors, window):
     KVCommConfig(threshold=threshold, max_anchors=max_anchors, window=window)
+
+
+def test_data_parallel_replicas_are_served():
+    """--dp-size without dp-attention runs independent schedulers, each with its own cache."""
+    assert config_from_cli_args(_parse(["--kvcomm", "--dp-size", "2"])) is not None
 
 
 def test_non_numbers_are_refused_by_argparse():

@@ -72,6 +72,7 @@ def run(servers):
         )
     calls = list(endpoint.calls)
     after_workload = _stats(kvcomm)
+    metrics = requests.get(kvcomm + "/metrics", timeout=30).text
 
     for call in calls:
         if call.kvcomm["decision"] != "reuse":
@@ -93,6 +94,7 @@ def run(servers):
         "replays": replays,
         "start": start,
         "after_workload": after_workload,
+        "metrics": metrics,
         "after_replays": after_replays,
         "flushed": _stats(kvcomm),
     }
@@ -128,6 +130,28 @@ def test_later_agents_reuse_after_warm_up(run):
     )
     assert run["after_workload"]["anchors"] > 0
     assert run["after_workload"]["anchor_bytes"] > 0 and run["after_workload"]["base_bytes"] > 0
+
+
+def test_prometheus_metrics_match_the_stats(run):
+    """With --enable-metrics the counters of /kvcomm/stats are also on SGLang's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(run["metrics"]):
+        for s in family.samples:
+            if s.name.startswith("sglang:kvcomm_"):
+                labels = {k: v for k, v in s.labels.items() if k != "model_name"}
+                samples[(s.name, tuple(sorted(labels.items())))] = s.value
+    stats = run["after_workload"]
+    for decision, n in stats["requests"].items():
+        assert samples[("sglang:kvcomm_requests_total", (("decision", decision),))] == n
+    for reason, n in stats["fallbacks"].items():
+        assert samples[("sglang:kvcomm_fallbacks_total", (("reason", reason),))] == n
+    for kind in ("exact", "estimated", "prefilled"):
+        key = "tokens_matched_exact" if kind == "exact" else f"tokens_{kind}"
+        assert samples[("sglang:kvcomm_prompt_tokens_total", (("kind", kind),))] == stats[key]
+    assert samples[("sglang:kvcomm_anchors", ())] == stats["anchors"]
+    assert samples[("sglang:kvcomm_held_bytes", (("kind", "base"),))] == stats["base_bytes"]
 
 
 def test_reused_calls_agree_with_dense_prefill(run):

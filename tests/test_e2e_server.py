@@ -155,11 +155,16 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(("custom", "message"), MALFORMED)
-def test_malformed_metadata_gets_a_400_and_the_server_keeps_serving(servers, custom, message):
+def test_malformed_metadata_gets_a_400_and_the_server_keeps_serving(
+    servers, custom, message, stream
+):
+    """Streamed too: the 400 comes before the stream opens, not as an error event after 200."""
     body = dict(
         input_ids=list(range(100, 120)),
         sampling_params={"max_new_tokens": 2, "temperature": 0, "custom_params": custom},
+        stream=stream,
     )
     res = requests.post(servers["kvcomm"].url + "/generate", json=body, timeout=60)
     assert res.status_code == 400, res.text

@@ -72,3 +72,35 @@ def test_report_from_meta_unwraps_the_per_request_list():
     # a stock server sends no key; a request the extension never saw has None
     assert report_from_meta({"prompt_tokens": 9}) == {}
     assert report_from_meta({"kvcomm": [None]}) == {}
+
+
+def _body(**obj) -> bytes:
+    import json
+
+    return json.dumps(obj).encode()
+
+
+def test_streamed_bodies_are_checked_before_the_stream_opens():
+    from sglang_kvcomm.http_routes import streamed_metadata_error
+
+    bad = {"custom_params": {"kvcomm_spans": [2, 500]}}
+    assert "past the 4 input_ids" in streamed_metadata_error(
+        _body(input_ids=[1, 2, 3, 4], sampling_params=bad, stream=True)
+    )
+    # a batch: the second item's spans run past its own ids
+    assert "past the 2 input_ids" in streamed_metadata_error(
+        _body(
+            input_ids=[[1, 2, 3, 4, 5, 6], [1, 2]],
+            sampling_params=[{}, {"custom_params": {"kvcomm_spans": [0, 4]}}],
+            stream=True,
+        )
+    )
+    assert "send input_ids, not text" in streamed_metadata_error(
+        _body(text="hi", sampling_params={"custom_params": {"kvcomm_spans": [0, 1]}}, stream=True)
+    )
+    # left to SGLang's own validation: not streamed, valid, no metadata, not JSON
+    assert streamed_metadata_error(_body(input_ids=[1, 2], sampling_params=bad)) is None
+    ok = {"custom_params": {"kvcomm_spans": [0, 2]}}
+    assert streamed_metadata_error(_body(input_ids=[1, 2], sampling_params=ok, stream=True)) is None
+    assert streamed_metadata_error(_body(input_ids=[1, 2], stream=True)) is None
+    assert streamed_metadata_error(b"{kvcomm_ not json") is None
