@@ -4,11 +4,11 @@
 # Run from the project root with the bundle of ../shared/gpu in .gpu/ and a wheel of this project
 # there (see ttft_gpu.sh):  OUT=/tmp/out bash benchmarks/gpu/ordering_gpu.sh [ordering.py flags]
 # Env: OUT (results and the server log), KVCOMM_FLAGS (gate threshold 1.0: dummy weights give the
-# entropy gate no signal).
+# entropy gate no signal; 12 GB holds the 2K-token content's base and its pool's anchors at 8B shape).
 set -euo pipefail
 B=.gpu
 OUT=${OUT:-/tmp/ordering_out}
-KVCOMM_FLAGS=${KVCOMM_FLAGS:---kvcomm-threshold 1.0}
+KVCOMM_FLAGS=${KVCOMM_FLAGS:---kvcomm-threshold 1.0 --kvcomm-max-memory-mb 12000}
 mkdir -p "$OUT" /tmp/site
 [ -f /tmp/site/.unpacked ] || { tar -xJf $B/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
 pip install -q --no-deps --target /tmp/site $B/sglang_kvcomm-*.whl
