@@ -61,7 +61,6 @@ from sglang_kvcomm.server_process import ServerProcess, ServerStartError, servin
 SECTIONS = ("fuzz", "concurrency", "disconnects", "timeouts", "tinypool")
 # The wire protocol as README.md "Marking shared segments" states it (re-derived, not imported).
 MODES = ("approx", "exact", "off")
-KNOWN_KEYS = ("kvcomm_mode", "kvcomm_agent", "kvcomm_spans")
 PREFIX = "kvcomm_"
 MAX_AGENT = 256
 INT64 = (-(2**63), 2**63 - 1)  # custom_params values must survive SGLang's msgpack IPC
@@ -84,11 +83,15 @@ class Check:
     count: int
     failures: int
     figure: str = ""
-    passed: bool | None = None  # None: no failures
 
-    def __post_init__(self) -> None:
-        if self.passed is None:
-            self.passed = self.failures == 0
+    @property
+    def passed(self) -> bool:
+        return self.failures == 0
+
+
+def joined(*parts: str) -> str:
+    """A figure from its non-empty parts."""
+    return "; ".join(p for p in parts if p)
 
 
 @dataclass
@@ -99,18 +102,16 @@ class Section:
 
 @dataclass
 class Target:
-    """A server under test: its URL, whether its process still runs, its log."""
+    """A server under test: its URL and whether its process still runs."""
 
     url: str
     alive: Callable[[], bool] = lambda: True
-    log_path: Path | None = None
 
     @classmethod
     def of(cls, server: ServerProcess) -> Target:
         return cls(
             server.url,
             lambda: server.proc is not None and server.proc.poll() is None,
-            server.log_path,
         )
 
 
@@ -148,7 +149,6 @@ class Reply:
     data: dict | None = None
     error: str | None = None
     timed_out: bool = False
-    events: int = 0
     error_event: str | None = None
 
     @property
@@ -202,7 +202,6 @@ def generate(session: requests.Session, url: str, body: dict, timeout_s: float) 
                 if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                     continue
                 event = json.loads(line[5:])
-                reply.events += 1
                 if "error" in event:
                     reply.error_event = error_message(event)
                 else:
@@ -842,9 +841,8 @@ def _unexpected(row: dict) -> bool:
 
 
 def _statuses(rows: list[dict], key: str) -> str:
-    return "statuses " + ", ".join(
-        f"{k}: {v}" for k, v in sorted(Counter(str(r[key]) for r in rows).items())
-    )
+    counts = sorted(Counter(str(r[key]) for r in rows).items())
+    return ", ".join(f"{n}x HTTP {status}" for status, n in counts)
 
 
 # --- multi-agent programs ------------------------------------------------------------------
@@ -1070,8 +1068,8 @@ def concurrency(
     )
     elapsed = time.monotonic() - t0
     checks, details = program_checks(s, calls, shape, warmup + programs, before, stats(target.url))
-    checks[0].figure = f"{warmup} + {programs} concurrent programs in {elapsed:.0f}s; " + (
-        checks[0].figure
+    checks[0].figure = joined(
+        f"{warmup} + {programs} concurrent programs in {elapsed:.0f}s", checks[0].figure
     )
     checks += after_checks(s, target, timeout_s)
     leak, settled = leak_check(s, target, start, settle_s)
@@ -1179,8 +1177,10 @@ def disconnects(
             "streams cut after 1-2 chunks",
             count,
             count - len(cut),
-            f"{len(bodies)} bodies (approx / exact / plain); "
-            + ", ".join(f"{n}x {e}" for e, n in errors.most_common(3)),
+            joined(
+                f"{len(bodies)} bodies (approx / exact / plain)",
+                ", ".join(f"{n}x {e}" for e, n in errors.most_common(3)),
+            ),
         )
     ]
     checks += after_checks(s, target, timeout_s)
@@ -1365,9 +1365,10 @@ def tiny_pool(
         time_s=time_s,
     )
     checks, details = program_checks(s, calls, shape, warmup + programs, before, stats(kvcomm.url))
-    checks[0].figure = (
+    checks[0].figure = joined(
         f"{warmup} + {programs} concurrent programs in {time.monotonic() - t0:.0f}s, "
-        f"{details['retractions']} retractions; " + checks[0].figure
+        f"{details['retractions']} retractions",
+        checks[0].figure,
     )
     checks.append(Check(s, "no scheduler crash", 1, int(not healthy(kvcomm))))
     leak, settled = leak_check(s, kvcomm, start, settle_s)
@@ -1611,26 +1612,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model_dir(args.model)
-    vocab = vocab_size(model)
-    shape = Shape(args.agents, args.prefix, args.question, args.answer)
+def main_stage(
+    args: argparse.Namespace, model: Path, shape: Shape, vocab: int, log: list[Check]
+) -> dict[str, Section]:
+    """fuzz, concurrency, disconnects, client timeouts on one --kvcomm server; queue timeouts
+    on a second one (``--max-running-requests 1``, SGLANG_REQ_WAITING_TIMEOUT)."""
+    wanted, out = set(args.sections), Path(args.out)
     kvcomm_args = ["--kvcomm", *shlex.split(args.kvcomm_flags)]
-    common = {"timeout_s": args.request_timeout_s, "seed": args.seed, "vocab": vocab}
-    settle_s = args.settle_s
-    sections: dict[str, Section] = {}
-    checks: list[Check] = []
-    started = time.monotonic()
-    wanted = set(args.sections)
-
-    servers: dict[str, ServerProcess] = {}
-    if wanted & {"fuzz", "concurrency", "disconnects", "timeouts"}:
-        servers["kvcomm"] = ServerProcess(
-            model, kvcomm_args, log_path=out / "kvcomm.log", progress=say
-        )
+    common = {
+        "timeout_s": args.request_timeout_s,
+        "seed": args.seed,
+        "vocab": vocab,
+        "settle_s": args.settle_s,
+    }
+    servers: dict[str, ServerProcess] = {
+        "kvcomm": ServerProcess(model, kvcomm_args, log_path=out / "kvcomm.log", progress=say)
+    }
     if "timeouts" in wanted and args.queue_timeouts:
         servers["queue"] = EnvServer(
             model,
@@ -1639,101 +1636,121 @@ def main(argv: list[str] | None = None) -> int:
             env={"SGLANG_REQ_WAITING_TIMEOUT": str(args.queue_timeout_s)},
             progress=say,
         )
-    if servers:
-        say(f"starting {', '.join(servers)} (CPU, {args.model})")
-        with running(servers, checks) as up:
-            if up:
-                main_t = Target.of(servers["kvcomm"])
-                if "fuzz" in wanted:
-                    say(f"fuzz: {args.fuzz_cases} cases")
-                    cases = CaseMaker(args.seed, vocab).cases(args.fuzz_cases)
-                    sections["fuzz"] = fuzz(
-                        main_t,
-                        cases,
-                        batch=args.fuzz_batch,
-                        workers=args.fuzz_workers,
-                        timeout_s=args.fuzz_timeout_s,
-                        time_s=args.section_time_s,
-                    )
-                if "concurrency" in wanted:
-                    say(f"concurrency: {args.programs} programs of {shape.agents} agents")
-                    sections["concurrency"] = concurrency(
-                        main_t,
-                        shape,
-                        args.programs,
-                        time_s=args.section_time_s,
-                        settle_s=settle_s,
-                        **common,
-                    )
-                if "disconnects" in wanted:
-                    say(f"disconnects: {args.disconnects}")
-                    sections["disconnects"] = disconnects(
-                        main_t,
-                        shape,
-                        args.disconnects,
-                        workers=args.disconnect_workers,
-                        tokens=args.long_tokens,
-                        time_s=args.section_time_s,
-                        settle_s=settle_s,
-                        **common,
-                    )
-                if "timeouts" in wanted:
-                    say(f"timeouts: {args.timeouts} client-side, {args.queue_timeouts} queue")
-                    sec = client_timeouts(
-                        main_t,
-                        shape,
-                        args.timeouts,
-                        read_timeout_s=args.client_timeout_s,
-                        tokens=args.long_tokens,
-                        settle_s=settle_s,
-                        **common,
-                    )
-                    if "queue" in servers:
-                        q = queue_timeouts(
-                            Target.of(servers["queue"]),
-                            shape,
-                            args.queue_timeouts,
-                            queue_timeout_s=args.queue_timeout_s,
-                            settle_s=settle_s,
-                            **common,
-                        )
-                        sec.checks += q.checks
-                        sec.details["queue"] = q.details
-                    sections["timeouts"] = sec
-
-    if "tinypool" in wanted:
-        pool = args.tiny_pool_tokens or 2 * shape.longest_prompt
-        flags = ["--chunked-prefill-size", str(args.chunked_prefill_size)]
-        tiny = {
-            "tiny-kvcomm": ServerProcess(
-                model,
-                [*kvcomm_args, *flags],
-                max_total_tokens=pool,
-                log_path=out / "tiny-kvcomm.log",
-                progress=say,
-            ),
-            "tiny-stock": ServerProcess(
-                model, flags, max_total_tokens=pool, log_path=out / "tiny-stock.log", progress=say
-            ),
-        }
-        say(
-            f"tinypool: --max-total-tokens {pool} (longest prompt {shape.longest_prompt}), "
-            f"--chunked-prefill-size {args.chunked_prefill_size}"
-        )
-        with running(tiny, checks) as up:
-            if up:
-                sections["tinypool"] = tiny_pool(
-                    Target.of(tiny["tiny-kvcomm"]),
-                    Target.of(tiny["tiny-stock"]),
+    sections: dict[str, Section] = {}
+    say(f"starting {', '.join(servers)} (CPU, {args.model})")
+    with running(servers, log) as up:
+        if not up:
+            return sections
+        target = Target.of(servers["kvcomm"])
+        if "fuzz" in wanted:
+            say(f"fuzz: {args.fuzz_cases} cases")
+            cases = CaseMaker(args.seed, vocab).cases(args.fuzz_cases)
+            sections["fuzz"] = fuzz(
+                target,
+                cases,
+                batch=args.fuzz_batch,
+                workers=args.fuzz_workers,
+                timeout_s=args.fuzz_timeout_s,
+                time_s=args.section_time_s,
+            )
+        if "concurrency" in wanted:
+            say(f"concurrency: {args.programs} programs of {shape.agents} agents")
+            sections["concurrency"] = concurrency(
+                target, shape, args.programs, time_s=args.section_time_s, **common
+            )
+        if "disconnects" in wanted:
+            say(f"disconnects: {args.disconnects}")
+            sections["disconnects"] = disconnects(
+                target,
+                shape,
+                args.disconnects,
+                workers=args.disconnect_workers,
+                tokens=args.long_tokens,
+                time_s=args.section_time_s,
+                **common,
+            )
+        if "timeouts" in wanted:
+            say(f"timeouts: {args.timeouts} client-side, {args.queue_timeouts} queue")
+            sec = client_timeouts(
+                target,
+                shape,
+                args.timeouts,
+                read_timeout_s=args.client_timeout_s,
+                tokens=args.long_tokens,
+                **common,
+            )
+            if "queue" in servers:
+                queued = queue_timeouts(
+                    Target.of(servers["queue"]),
                     shape,
-                    args.tiny_programs,
-                    compare=args.tiny_compare,
-                    time_s=args.section_time_s,
-                    settle_s=settle_s,
+                    args.queue_timeouts,
+                    queue_timeout_s=args.queue_timeout_s,
                     **common,
                 )
+                sec.checks += queued.checks
+                sec.details["queue"] = queued.details
+            sections["timeouts"] = sec
+    return sections
 
-    rows = [c for name in SECTIONS if name in sections for c in sections[name].checks] + checks
+
+def tiny_stage(
+    args: argparse.Namespace, model: Path, shape: Shape, vocab: int, log: list[Check]
+) -> dict[str, Section]:
+    """The tiny pool: a --kvcomm and a stock server with the same small pool and chunks."""
+    out, pool = Path(args.out), args.tiny_pool_tokens or 2 * shape.longest_prompt
+    flags = ["--chunked-prefill-size", str(args.chunked_prefill_size)]
+    kvcomm_flags = ["--kvcomm", *shlex.split(args.kvcomm_flags), *flags]
+    tiny = {
+        "tiny-kvcomm": ServerProcess(
+            model,
+            kvcomm_flags,
+            max_total_tokens=pool,
+            log_path=out / "tiny-kvcomm.log",
+            progress=say,
+        ),
+        "tiny-stock": ServerProcess(
+            model, flags, max_total_tokens=pool, log_path=out / "tiny-stock.log", progress=say
+        ),
+    }
+    say(
+        f"tinypool: --max-total-tokens {pool} (longest prompt {shape.longest_prompt}), "
+        f"--chunked-prefill-size {args.chunked_prefill_size}"
+    )
+    with running(tiny, log) as up:
+        if not up:
+            return {}
+        return {
+            "tinypool": tiny_pool(
+                Target.of(tiny["tiny-kvcomm"]),
+                Target.of(tiny["tiny-stock"]),
+                shape,
+                args.tiny_programs,
+                compare=args.tiny_compare,
+                seed=args.seed,
+                vocab=vocab,
+                timeout_s=args.request_timeout_s,
+                time_s=args.section_time_s,
+                settle_s=args.settle_s,
+            )
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model_dir(args.model)
+    vocab = vocab_size(model)
+    shape = Shape(args.agents, args.prefix, args.question, args.answer)
+    started = time.monotonic()
+    log: list[Check] = []  # server start-up and log checks
+    sections: dict[str, Section] = {}
+    if set(args.sections) - {"tinypool"}:
+        sections |= main_stage(args, model, shape, vocab, log)
+    if "tinypool" in args.sections:
+        sections |= tiny_stage(args, model, shape, vocab, log)
+
+    rows = [c for name in SECTIONS if name in sections for c in sections[name].checks] + log
     print()
     print(
         format_table(
@@ -1751,7 +1768,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "shape": asdict(shape),
         "elapsed_s": elapsed,
-        "checks": [asdict(c) for c in rows],
+        "checks": [{**asdict(c), "passed": c.passed} for c in rows],
         "sections": {k: v.details for k, v in sections.items()},
     }
     (out / "stress.json").write_text(json.dumps(result, indent=1, default=str))

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from sglang_kvcomm.protocol import PREFIX, ProtocolError, from_custom_params
+from sglang_kvcomm.protocol import ProtocolError, from_custom_params
 
 STATS_PATH = "/kvcomm/stats"
 _GENERATE_PATH = "/generate"
@@ -39,7 +39,7 @@ async def kvcomm_stats() -> JSONResponse:
 def streamed_metadata_error(body: bytes) -> str | None:
     """The ProtocolError message for a streamed ``/generate`` body with malformed kvcomm
     metadata, or None (not streamed, no metadata, or a body SGLang refuses on its own)."""
-    if PREFIX.encode() not in body:
+    if b"custom_params" not in body:
         return None
     try:
         obj = json.loads(body)

@@ -78,7 +78,7 @@ def from_custom_params(custom_params: Any, num_input_ids: int | None) -> KVCommR
     if mode not in MODES:
         raise ProtocolError(f"custom_params.{MODE} must be one of {list(MODES)}, got {mode!r}")
     agent = present.get(AGENT)
-    if agent is not None and not _is_name(agent):
+    if AGENT in present and not _is_name(agent):  # null too: a key given needs a value
         raise ProtocolError(f"custom_params.{AGENT} must be a string of at most {_MAX_NAME} chars")
     segments = _segments(present.get(SPANS, []), num_input_ids)
     return KVCommRequest(mode=mode, agent=agent, segments=segments)

@@ -52,6 +52,7 @@ def test_valid_metadata():
         ({"kvcomm_mode": "fast"}, 10, r"must be one of \['approx', 'exact', 'off'\], got 'fast'"),
         ({"kvcomm_spans": [1, 3]}, None, "send input_ids, not text"),
         ({"kvcomm_agent": 7}, 10, "kvcomm_agent must be a string"),
+        ({"kvcomm_agent": None}, 10, "kvcomm_agent must be a string"),
         ({"kvcomm_spans": [1, 3], "kvcomm_ids": ["a"]}, 10, "unknown keys"),
         ({"kvcomm_modes": "exact"}, 10, r"unknown keys \['kvcomm_modes'\]"),
     ],
@@ -98,9 +99,12 @@ def test_streamed_bodies_are_checked_before_the_stream_opens():
     assert "send input_ids, not text" in streamed_metadata_error(
         _body(text="hi", sampling_params={"custom_params": {"kvcomm_spans": [0, 1]}}, stream=True)
     )
+    assert "must be an object" in streamed_metadata_error(
+        _body(input_ids=[1, 2], sampling_params={"custom_params": [1]}, stream=True)
+    )
     # left to SGLang's own validation: not streamed, valid, no metadata, not JSON
     assert streamed_metadata_error(_body(input_ids=[1, 2], sampling_params=bad)) is None
     ok = {"custom_params": {"kvcomm_spans": [0, 2]}}
     assert streamed_metadata_error(_body(input_ids=[1, 2], sampling_params=ok, stream=True)) is None
     assert streamed_metadata_error(_body(input_ids=[1, 2], stream=True)) is None
-    assert streamed_metadata_error(b"{kvcomm_ not json") is None
+    assert streamed_metadata_error(b"{custom_params not json") is None
