@@ -95,34 +95,41 @@ def evaluate(
     return list(pool.map(lend(kvcomm, partial(score, task)), chunk, dense, approx))
 
 
-def score(task: Task, kvcomm: KVCommEndpoint, item: Item, dense_calls: list[Call],
-          calls: list[Call]) -> dict:  # fmt: skip
+def score(
+    task: Task, kvcomm: KVCommEndpoint, item: Item, dense_calls: list[Call], calls: list[Call]
+) -> dict:
     """One item's record; replays each reused call densely on the KVCOMM server."""
-    answers = {name: task.answer(c[-1].text) for name, c in (("dense", dense_calls),
-                                                            ("kvcomm", calls))}  # fmt: skip
+    answers = {
+        name: task.answer(c[-1].text) for name, c in (("dense", dense_calls), ("kvcomm", calls))
+    }
     reused = []
     for call in calls:
         if call.kvcomm.get("decision") != "reuse":
             continue
         replay = kvcomm.replay(call, "exact")
-        reused.append({
-            "agent": call.agent,
-            "agree": agreement(call.output_ids, replay.output_ids),
-            "identical": call.output_ids == replay.output_ids,
-            "ttft_ms": 1000 * call.meta["client_ttft_s"],
-            "dense_ttft_ms": 1000 * replay.meta["client_ttft_s"],
-            "tokens_estimated": call.kvcomm.get("tokens_estimated"),
-        })  # fmt: skip
+        reused.append(
+            {
+                "agent": call.agent,
+                "agree": agreement(call.output_ids, replay.output_ids),
+                "identical": call.output_ids == replay.output_ids,
+                "ttft_ms": 1000 * call.meta["client_ttft_s"],
+                "dense_ttft_ms": 1000 * replay.meta["client_ttft_s"],
+                "tokens_estimated": call.kvcomm.get("tokens_estimated"),
+            }
+        )
     return {
         "id": item.id,
         "answer": answers,
         "correct": {name: task.correct(a, item) for name, a in answers.items()},
         "approx_calls": sum(c.mode == "approx" for c in calls),
-        "fallbacks": [c.kvcomm.get("reason") for c in calls
-                      if c.mode == "approx" and c.kvcomm.get("decision") != "reuse"],
+        "fallbacks": [
+            c.kvcomm.get("reason")
+            for c in calls
+            if c.mode == "approx" and c.kvcomm.get("decision") != "reuse"
+        ],
         "reused": reused,
         "outputs": {"dense": dense_calls[-1].text, "kvcomm": calls[-1].text},
-    }  # fmt: skip
+    }
 
 
 def summarize(records: list[dict]) -> dict:
@@ -146,9 +153,7 @@ def summarize(records: list[dict]) -> dict:
         "approx_calls": approx,
         "agree_at_32": mean([r["agree"] for r in reused]),
         "identical": mean([r["identical"] for r in reused]),
-        "same_answer": mean(
-            [rec["answer"]["dense"] == rec["answer"]["kvcomm"] for rec in records]
-        ),  # fmt: skip
+        "same_answer": mean([rec["answer"]["dense"] == rec["answer"]["kvcomm"] for rec in records]),
         "reused_ttft_ms": mean([r["ttft_ms"] for r in reused]),
         "reused_dense_ttft_ms": mean([r["dense_ttft_ms"] for r in reused]),
         "fallbacks": fallbacks,
@@ -176,25 +181,45 @@ def plot(summary: dict, title: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[2:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("--task", choices=sorted(TASKS), required=True, help="the dataset")
-    parser.add_argument("--model", default="smollm2",
-                        help=f"packaged model ({', '.join(MODELS)}) or a model folder; the "
-                             "tokenizer is read from it")  # fmt: skip
-    parser.add_argument("--agents", type=int, default=3, choices=range(2, 6),
-                        help="answering agents (2-5), plus the decision agent")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=100, help="items to run (dataset order; "
-                        "MMLU is a seeded shuffle across subjects)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help=f"packaged model ({', '.join(MODELS)}) or a model folder; the "
+        "tokenizer is read from it",
+    )
+    parser.add_argument(
+        "--agents",
+        type=int,
+        default=3,
+        choices=range(2, 6),
+        help="answering agents (2-5), plus the decision agent",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help="items to run (dataset order; MMLU is a seeded shuffle across subjects)",
+    )
     parser.add_argument("--radix-url", help="a running stock server (no --kvcomm)")
     parser.add_argument("--kvcomm-url", help="a running --kvcomm server with the same model")
-    parser.add_argument("--kvcomm-args", default="",
-                        help="extra flags for the --kvcomm server this script starts, e.g. "
-                             "'--kvcomm-threshold 0.5'")  # fmt: skip
-    parser.add_argument("--parallel", type=int, default=1,
-                        help="items run concurrently (batched by the server; the KVCOMM anchor "
-                             "pool then sees them in a timing-dependent order)")  # fmt: skip
+    parser.add_argument(
+        "--kvcomm-args",
+        default="",
+        help="extra flags for the --kvcomm server this script starts, e.g. "
+        "'--kvcomm-threshold 0.5'",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="items run concurrently (batched by the server; the KVCOMM anchor "
+        "pool then sees them in a timing-dependent order)",
+    )
     parser.add_argument(
         "--max-total-tokens",
         type=int,
@@ -230,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[accuracy] starting a stock and a --kvcomm CPU server with {model}", flush=True)
             radix = ServerProcess(model, [], max_total_tokens=args.max_total_tokens)
-            kvcomm = ServerProcess(model, ["--kvcomm", *args.kvcomm_args.split()],
-                                   max_total_tokens=args.max_total_tokens)  # fmt: skip
+            kvcomm = ServerProcess(
+                model,
+                ["--kvcomm", *args.kvcomm_args.split()],
+                max_total_tokens=args.max_total_tokens,
+            )
             stack.enter_context(serving(radix, kvcomm))
             urls = (radix.url, kvcomm.url)
         radix_eps, kvcomm_eps = Queue(), Queue()
@@ -253,28 +281,63 @@ def main(argv: list[str] | None = None) -> int:
             size = args.parallel * CHUNK_PER_THREAD
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
-                for record in evaluate(task, chunk, radix_eps, kvcomm_eps, args.agents,
-                                       pool):  # fmt: skip
+                for record in evaluate(task, chunk, radix_eps, kvcomm_eps, args.agents, pool):
                     done[record["id"]] = record
                     sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 bar.update(len(chunk))
         records = [done[item.id] for item in items]
-    summary = {"task": task.name, "model": str(args.model), "agents": args.agents,
-               "kvcomm_args": args.kvcomm_args, "wall_s": time.perf_counter() - started,
-               **summarize(records)}  # fmt: skip
+    summary = {
+        "task": task.name,
+        "model": str(args.model),
+        "agents": args.agents,
+        "kvcomm_args": args.kvcomm_args,
+        "wall_s": time.perf_counter() - started,
+        **summarize(records),
+    }
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-    plot(summary, f"{task.name}, {Path(args.model).name}, {args.agents} agents + decision, "
-                  f"{summary['items']} items", out / f"{stem}.png")  # fmt: skip
+    plot(
+        summary,
+        f"{task.name}, {Path(args.model).name}, {args.agents} agents + decision, "
+        f"{summary['items']} items",
+        out / f"{stem}.png",
+    )
     print()
-    print(format_table(
-        ["task", "model", "agents", "items", "acc dense", "acc KVCOMM", "reuse rate",
-         "agree@32", "identical", "same answer"],
-        [[task.name, Path(args.model).name, args.agents, summary["items"],
-          *(summary[k] if summary[k] is not None else "-" for k in (
-              "accuracy_dense", "accuracy_kvcomm", "reuse_rate", "agree_at_32", "identical",
-              "same_answer"))]],
-    ))  # fmt: skip
+    print(
+        format_table(
+            [
+                "task",
+                "model",
+                "agents",
+                "items",
+                "acc dense",
+                "acc KVCOMM",
+                "reuse rate",
+                "agree@32",
+                "identical",
+                "same answer",
+            ],
+            [
+                [
+                    task.name,
+                    Path(args.model).name,
+                    args.agents,
+                    summary["items"],
+                    *(
+                        summary[k] if summary[k] is not None else "-"
+                        for k in (
+                            "accuracy_dense",
+                            "accuracy_kvcomm",
+                            "reuse_rate",
+                            "agree_at_32",
+                            "identical",
+                            "same_answer",
+                        )
+                    ),
+                ]
+            ],
+        )
+    )
     print(f"fallbacks by reason: {summary['fallbacks']}")
     print(f"wrote {lines}, {out / (stem + '.json')}, {out / (stem + '.png')}")
     return 0

@@ -55,11 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     shape = (args.pool_slots, heads, dim)
-    pool = PoolKV(SimpleNamespace(
-        k_buffer=[torch.randn(shape, dtype=dtype, device=device) for _ in range(layers)],
-        v_buffer=[torch.randn(shape, dtype=dtype, device=device) for _ in range(layers)],
-        dtype=dtype, store_dtype=dtype,
-    ))  # fmt: skip
+    pool = PoolKV(
+        SimpleNamespace(
+            k_buffer=[torch.randn(shape, dtype=dtype, device=device) for _ in range(layers)],
+            v_buffer=[torch.randn(shape, dtype=dtype, device=device) for _ in range(layers)],
+            dtype=dtype,
+            store_dtype=dtype,
+        )
+    )
     rope = RopeSpec.from_hf_config(config)
     slots = torch.randperm(args.pool_slots, device=device)[: args.tokens]
 
@@ -75,11 +78,20 @@ def main(argv: list[str] | None = None) -> None:
     pinned_s = timed(pinned_plan, args.repeat)
     per_token = 2 * layers * heads * dim * torch.finfo(dtype).bits // 8
     anchor_bytes = 2 * args.tokens * per_token  # placeholder offset + base (following is small)
-    print(format_table(
-        ["storage", "extra bytes / anchor", "cost when captured (ms)", "cost per reuse plan (ms)"],
-        [["copy (ours)", f"{anchor_bytes / 2**20:.2f} MiB", 1000 * copy_s, 0.0],
-         ["pinned slots", "0 (pool slots held)", 0.0, 1000 * pinned_s]],
-    ))  # fmt: skip
+    print(
+        format_table(
+            [
+                "storage",
+                "extra bytes / anchor",
+                "cost when captured (ms)",
+                "cost per reuse plan (ms)",
+            ],
+            [
+                ["copy (ours)", f"{anchor_bytes / 2**20:.2f} MiB", 1000 * copy_s, 0.0],
+                ["pinned slots", "0 (pool slots held)", 0.0, 1000 * pinned_s],
+            ],
+        )
+    )
     print(
         f"\n{args.model}: {layers} layers x {heads} KV heads x {dim} dims, {args.dtype}, "
         f"{per_token / 1024:.1f} KiB per token (K+V), {args.tokens} tokens per anchor, "

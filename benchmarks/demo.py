@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = model_dir("smollm2")
     questions = [p.question for p in gsm8k(limit=args.questions)]
-    logs = {name: f"{args.log_dir}/{name}.log" if args.log_dir else None
-            for name in ("radix", "kvcomm")}  # fmt: skip
+    logs = {
+        name: f"{args.log_dir}/{name}.log" if args.log_dir else None for name in ("radix", "kvcomm")
+    }
     say(f"model {model}")
     say("starting two SGLang CPU servers: radix-only and --kvcomm (20-40 s)")
     started = time.perf_counter()
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         reused = run_program(kvcomm.url, questions, args.max_tokens, "KVCOMM")
         say("replaying the reused calls densely on the KVCOMM server")
         endpoint = KVCommEndpoint(kvcomm.url)
-        dense = {id(c): endpoint.replay(c, "exact") for c in reused
-                 if c.kvcomm.get("decision") == "reuse"}  # fmt: skip
+        dense = {
+            id(c): endpoint.replay(c, "exact")
+            for c in reused
+            if c.kvcomm.get("decision") == "reuse"
+        }
         stats = requests.get(kvcomm.url + "/kvcomm/stats", timeout=10).json()
         say("stopping the servers")
 
@@ -83,20 +87,42 @@ def main(argv: list[str] | None = None) -> int:
         overhead = statistics.fmean([c.kvcomm["overhead_ms"] for c in hits]) if hits else "-"
         agree = [agreement(c.output_ids, dense[id(c)].output_ids) for c in hits]
         same = [extract_number(c.text) == extract_number(dense[id(c)].text) for c in hits]
-        rows.append([
-            agent, len(mine), t_base, t_mine, t_base / t_mine, f"{len(hits)}/{len(mine)}",
-            t_hit_dense if hits else "-", t_hit if hits else "-",
-            t_hit_dense / t_hit if hits else "-", overhead,
-            statistics.fmean(agree) if hits else "-",
-            f"{sum(same)}/{len(same)}" if hits else "-",
-        ])  # fmt: skip
+        rows.append(
+            [
+                agent,
+                len(mine),
+                t_base,
+                t_mine,
+                t_base / t_mine,
+                f"{len(hits)}/{len(mine)}",
+                t_hit_dense if hits else "-",
+                t_hit if hits else "-",
+                t_hit_dense / t_hit if hits else "-",
+                overhead,
+                statistics.fmean(agree) if hits else "-",
+                f"{sum(same)}/{len(same)}" if hits else "-",
+            ]
+        )
     print()
-    print(format_table(
-        ["agent", "calls", "TTFT radix ms", "TTFT KVCOMM ms", "speedup", "reused",
-         "reused: dense ms", "reused: KVCOMM ms", "reused speedup", "estimate ms", "agree@32",
-         "same answer"],
-        rows,
-    ))  # fmt: skip
+    print(
+        format_table(
+            [
+                "agent",
+                "calls",
+                "TTFT radix ms",
+                "TTFT KVCOMM ms",
+                "speedup",
+                "reused",
+                "reused: dense ms",
+                "reused: KVCOMM ms",
+                "reused speedup",
+                "estimate ms",
+                "agree@32",
+                "same answer",
+            ],
+            rows,
+        )
+    )
     approx = [c for c in reused if c.mode == "approx"]
     print()
     print(

@@ -104,8 +104,10 @@ class Harness:
         self._refs: dict[tuple[int, int], Reference] = {}
 
     def _agent(self, name: str, role: str) -> Agent:
-        prefix = self.m.encode(f"<|im_start|>system\n{role}<|im_end|>\n<|im_start|>user\n"
-                               "Read this and answer the question it asks.\n\n")  # fmt: skip
+        prefix = self.m.encode(
+            f"<|im_start|>system\n{role}<|im_end|>\n<|im_start|>user\n"
+            "Read this and answer the question it asks.\n\n"
+        )
         kv = self.m.prefill(prefix + self.suffix).kv.tokens(slice(len(prefix), None))
         return Agent(name, prefix, KV(rotate(kv.k, -len(prefix), self.m.rope), kv.v))
 
@@ -140,12 +142,18 @@ class Harness:
     def anchor(self, agent: Agent, content: Content, ref: Reference) -> Anchor:
         start = self.start(agent, content)
         end = start + len(content.ids)
-        return Anchor.from_dense(content.base, ref.kv.tokens(slice(start, end)),
-                                 ref.kv.tokens(slice(end, None)), tuple(self.suffix), start,
-                                 self.m.rope)  # fmt: skip
+        return Anchor.from_dense(
+            content.base,
+            ref.kv.tokens(slice(start, end)),
+            ref.kv.tokens(slice(end, None)),
+            tuple(self.suffix),
+            start,
+            self.m.rope,
+        )
 
-    def stitch(self, variant: str, agent: Agent, content: Content, anchors: list[Anchor],
-               ref: Reference) -> KV:  # fmt: skip
+    def stitch(
+        self, variant: str, agent: Agent, content: Content, anchors: list[Anchor], ref: Reference
+    ) -> KV:
         """The KV of the prompt minus its last token: exact prefix + estimated rest."""
         start = self.start(agent, content)
         options = VARIANTS[variant]
@@ -153,8 +161,15 @@ class Harness:
             content_kv = KV(rotate(content.base.k, content.base_at, self.m.rope), content.base.v)
             following = KV(rotate(agent.template.k, start, self.m.rope), agent.template.v)
         else:
-            est = estimate(content.base, start, anchors, self.suffix, self.m.rope, options,
-                           following_base=agent.template)  # fmt: skip
+            est = estimate(
+                content.base,
+                start,
+                anchors,
+                self.suffix,
+                self.m.rope,
+                options,
+                following_base=agent.template,
+            )
             content_kv, following = est.content, est.following
         prefix = ref.kv.tokens(slice(0, start))
         return concat(prefix, content_kv, following.tokens(slice(0, len(self.suffix) - 1)))
@@ -167,9 +182,14 @@ class Harness:
     def score(self, stitched: KV, ref: Reference, start: int) -> Scores:
         span = slice(start, stitched.num_tokens)
         est, dense = stitched.tokens(span), ref.kv.tokens(span)
-        errors = [0.5 * float((est.k[layer] - dense.k[layer]).norm() / dense.k[layer].norm()
-                              + (est.v[layer] - dense.v[layer]).norm() / dense.v[layer].norm())
-                  for layer in range(dense.k.shape[0])]  # fmt: skip
+        errors = [
+            0.5
+            * float(
+                (est.k[layer] - dense.k[layer]).norm() / dense.k[layer].norm()
+                + (est.v[layer] - dense.v[layer]).norm() / dense.v[layer].norm()
+            )
+            for layer in range(dense.k.shape[0])
+        ]
         logprobs, greedy = self.m.greedy(stitched, self.suffix[-1], self.decode)
         kl = float((ref.logprobs.exp() * (ref.logprobs - logprobs)).sum())
         same = [a == b for a, b in zip(greedy, ref.greedy, strict=True)]
@@ -224,8 +244,13 @@ def run_gamma(h: Harness, stream: list[Content], gamma: float) -> dict:
                 reused.append(h.score(stitched, ref, h.start(agent, content)))
             else:
                 pool.add(h.anchor(agent, content, ref))
-    return {"gamma": gamma, "calls": calls, "reused": len(reused),
-            "reuse_rate": len(reused) / calls, **summarize(reused)}  # fmt: skip
+    return {
+        "gamma": gamma,
+        "calls": calls,
+        "reused": len(reused),
+        "reuse_rate": len(reused) / calls,
+        **summarize(reused),
+    }
 
 
 def summarize(scores: list[Scores]) -> dict:
@@ -246,11 +271,17 @@ def summarize(scores: list[Scores]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-coder-0.5b"],
-                        help="packaged model (converted to fp32)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        choices=["smollm2", "qwen2.5-coder-0.5b"],
+        help="packaged model (converted to fp32)",
+    )
     parser.add_argument("--agents", type=int, default=3, help="agent templates (<= 5)")
     parser.add_argument(
         "--contents",
@@ -258,12 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="shared contents in the stream (questions and generated answers)",
     )
-    parser.add_argument("--response-tokens", type=int, default=48,
-                        help="length cap of generated answers")  # fmt: skip
+    parser.add_argument(
+        "--response-tokens", type=int, default=48, help="length cap of generated answers"
+    )
     parser.add_argument("--decode", type=int, default=32, help="greedy tokens compared")
     parser.add_argument("--gamma", type=float, default=0.3, help="gate threshold while learning")
-    parser.add_argument("--gammas", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.9],
-                        help="thresholds of the reuse-rate sweep")  # fmt: skip
+    parser.add_argument(
+        "--gammas",
+        type=float,
+        nargs="*",
+        default=[0.1, 0.3, 0.5, 0.9],
+        help="thresholds of the reuse-rate sweep",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -290,19 +327,51 @@ def main(argv: list[str] | None = None) -> int:
         f"Variants ({args.model}, {args.agents} agents, {args.contents} contents, "
         f"{variants[FULL]['pairs']} warmed-up pairs, greedy over {args.decode} tokens):"
     )
-    print(format_table(
-        ["variant", "KV rel err (mean)", "KV rel err (last layer)", "KL mean", "KL median",
-         "greedy agree", "exact match"],
-        [[v, s["kv_error_mean"], s["kv_error_last_layer"], s["kl_mean"], s["kl_median"],
-          s["agreement"], s["exact_match"]] for v, s in variants.items() if s["pairs"]],
-    ))  # fmt: skip
+    print(
+        format_table(
+            [
+                "variant",
+                "KV rel err (mean)",
+                "KV rel err (last layer)",
+                "KL mean",
+                "KL median",
+                "greedy agree",
+                "exact match",
+            ],
+            [
+                [
+                    v,
+                    s["kv_error_mean"],
+                    s["kv_error_last_layer"],
+                    s["kl_mean"],
+                    s["kl_median"],
+                    s["agreement"],
+                    s["exact_match"],
+                ]
+                for v, s in variants.items()
+                if s["pairs"]
+            ],
+        )
+    )
     print()
     print("Gate sweep (reuse rate over all calls; fidelity of the reused calls, full (ours)):")
-    print(format_table(
-        ["gamma", "calls", "reused", "reuse rate", "KL mean", "greedy agree", "exact match"],
-        [[s["gamma"], s["calls"], s["reused"], s["reuse_rate"], s.get("kl_mean", "-"),
-          s.get("agreement", "-"), s.get("exact_match", "-")] for s in sweep],
-    ))  # fmt: skip
+    print(
+        format_table(
+            ["gamma", "calls", "reused", "reuse rate", "KL mean", "greedy agree", "exact match"],
+            [
+                [
+                    s["gamma"],
+                    s["calls"],
+                    s["reused"],
+                    s["reuse_rate"],
+                    s.get("kl_mean", "-"),
+                    s.get("agreement", "-"),
+                    s.get("exact_match", "-"),
+                ]
+                for s in sweep
+            ],
+        )
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(

@@ -34,12 +34,21 @@ from radix_anchor.rope import RopeSpec
 from sglang_kvcomm.kv_pool import PoolKV
 
 LAYERS, HEADS, DIM = 32, 8, 128
-ROPE = RopeSpec.from_hf_config({
-    "rope_theta": 500000.0, "hidden_size": 4096, "num_attention_heads": 32,
-    "max_position_embeddings": 131072,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-})  # fmt: skip
+ROPE = RopeSpec.from_hf_config(
+    {
+        "rope_theta": 500000.0,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+)
 
 
 def cuda_ms(fn, repeat: int = 20) -> float:  # noqa: ANN001
@@ -71,8 +80,10 @@ def kv(tokens: int, dtype: torch.dtype) -> KV:
 
 
 def pool(slots: int, dtype: torch.dtype) -> SimpleNamespace:
-    bufs = [[torch.zeros(slots, HEADS, DIM, dtype=dtype, device="cuda") for _ in range(LAYERS)]
-            for _ in range(2)]  # fmt: skip
+    bufs = [
+        [torch.zeros(slots, HEADS, DIM, dtype=dtype, device="cuda") for _ in range(LAYERS)]
+        for _ in range(2)
+    ]
     return SimpleNamespace(k_buffer=bufs[0], v_buffer=bufs[1], dtype=dtype, store_dtype=dtype)
 
 
@@ -80,8 +91,15 @@ def content_recipe(tokens: int, anchors: int, dtype: torch.dtype) -> Recipe:
     follows = [kv(1, dtype)]
     w = torch.softmax(torch.randn(anchors, tokens, device="cuda"), 0)
     fk = torch.ones(1, LAYERS, HEADS, DIM, device="cuda")
-    return Recipe(kv(tokens, dtype), [kv(tokens, dtype) for _ in range(anchors)], w, w.clone(),
-                  follows, fk, fk.clone())  # fmt: skip
+    return Recipe(
+        kv(tokens, dtype),
+        [kv(tokens, dtype) for _ in range(anchors)],
+        w,
+        w.clone(),
+        follows,
+        fk,
+        fk.clone(),
+    )
 
 
 def backends(names: list[str]):  # noqa: ANN201
@@ -95,8 +113,11 @@ def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayou
     prompt whose contents all have base KV."""
     fixed = [list(range(1, 513)), [7] * 8, [8] * 8, [9] * 8, [10] * 8, [11] * 16]
     lengths = [1024, 512, 512, 512, 512]
-    engine = KVComm(ROPE, ReuseConfig(gamma=1.0, max_anchors=max(anchors, 2), max_bytes=1 << 40),
-                    distances=kvcomm_kernels.anchor_distances)  # as the server  # fmt: skip
+    engine = KVComm(
+        ROPE,
+        ReuseConfig(gamma=1.0, max_anchors=max(anchors, 2), max_bytes=1 << 40),
+        distances=kvcomm_kernels.anchor_distances,
+    )  # as the server
 
     def prompt(seed: int) -> PromptLayout:
         tokens, spans = list(fixed[0]), []
@@ -117,9 +138,12 @@ def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayou
 
 
 def sweep_apply(
-    token_counts: list[int], anchor_counts: list[int], names: list[str], dtype: torch.dtype,
+    token_counts: list[int],
+    anchor_counts: list[int],
+    names: list[str],
+    dtype: torch.dtype,
     bound: float,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     target = pool(max(token_counts) * 3, dtype)
     rows = []
     for tokens in token_counts:
@@ -136,10 +160,21 @@ def sweep_apply(
             for name in backends(names):
                 ms = cuda_ms(run)
                 gbs = moved / ms / 1e6
-                rows.append({"tokens": tokens, "anchors": anchors, "backend": name, "ms": ms,
-                             "GB/s": gbs, "of copy bw": gbs / bound})  # fmt: skip
-                print(f"T={tokens:5d} N={anchors:2d} {name:7s} {ms:8.3f} ms {gbs:7.0f} GB/s "
-                      f"{gbs / bound:6.1%} of copy", flush=True)  # fmt: skip
+                rows.append(
+                    {
+                        "tokens": tokens,
+                        "anchors": anchors,
+                        "backend": name,
+                        "ms": ms,
+                        "GB/s": gbs,
+                        "of copy bw": gbs / bound,
+                    }
+                )
+                print(
+                    f"T={tokens:5d} N={anchors:2d} {name:7s} {ms:8.3f} ms {gbs:7.0f} GB/s "
+                    f"{gbs / bound:6.1%} of copy",
+                    flush=True,
+                )
     return rows
 
 
@@ -171,12 +206,22 @@ def stitch_agent5(
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-        stitch.append({"backend": name, "prompt tokens": len(layout.tokens),
-                       "estimated tokens": plan.num_tokens, "anchors": anchors,
-                       "plan+write ms": ms_full, "write ms": ms_write})  # fmt: skip
-        print(f"agent-5 stitch ({len(layout.tokens)} tokens, {plan.num_tokens} estimated, "
-              f"{anchors} anchors) {name}: plan+write {ms_full:.2f} ms, write "
-              f"{ms_write:.2f} ms", flush=True)  # fmt: skip
+        stitch.append(
+            {
+                "backend": name,
+                "prompt tokens": len(layout.tokens),
+                "estimated tokens": plan.num_tokens,
+                "anchors": anchors,
+                "plan+write ms": ms_full,
+                "write ms": ms_write,
+            }
+        )
+        print(
+            f"agent-5 stitch ({len(layout.tokens)} tokens, {plan.num_tokens} estimated, "
+            f"{anchors} anchors) {name}: plan+write {ms_full:.2f} ms, write "
+            f"{ms_write:.2f} ms",
+            flush=True,
+        )
     return stitch
 
 
@@ -197,15 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bound:.0f} GB/s", flush=True)
     rows = sweep_apply(args.tokens, args.anchors, args.backends, dtype, bound)
     stitch = stitch_agent5(args.agent5_anchors, args.backends, dtype, args.profile)
-    result = {"device": torch.cuda.get_device_name(), "copy GB/s": bound, "apply": rows,
-              "agent5": stitch, "torch": torch.__version__}  # fmt: skip
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "copy GB/s": bound,
+        "apply": rows,
+        "agent5": stitch,
+        "torch": torch.__version__,
+    }
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "kernel_bench.json").write_text(json.dumps(result, indent=1))
     print("\ntokens  anchors  backend     ms   GB/s  of copy bw")
     for r in rows:
-        print(f"{r['tokens']:6d}  {r['anchors']:7d}  {r['backend']:7s} {r['ms']:6.3f} "
-              f"{r['GB/s']:6.0f}  {r['of copy bw']:9.1%}")  # fmt: skip
+        print(
+            f"{r['tokens']:6d}  {r['anchors']:7d}  {r['backend']:7s} {r['ms']:6.3f} "
+            f"{r['GB/s']:6.0f}  {r['of copy bw']:9.1%}"
+        )
     return 0
 
 

@@ -69,18 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         reuse_ms, report = call(tokens, spans, "approx")
         dense_ms, _ = call(tokens, spans, "exact")
         floor_ms, _ = call(tokens, spans, "exact")
-        rows.append({"reuse_ms": reuse_ms, "dense_ms": dense_ms, "floor_ms": floor_ms,
-                     "report": report})  # fmt: skip
-        print(f"reuse {reuse_ms:7.2f} ms ({report.get('decision')}, {report.get('reason')}, "
-              f"prefilled {report.get('tokens_prefilled')}, estimate "
-              f"{report.get('overhead_ms', 0):.2f} ms)  dense {dense_ms:7.2f} ms  floor "
-              f"{floor_ms:7.2f} ms", flush=True)  # fmt: skip
+        rows.append(
+            {"reuse_ms": reuse_ms, "dense_ms": dense_ms, "floor_ms": floor_ms, "report": report}
+        )
+        print(
+            f"reuse {reuse_ms:7.2f} ms ({report.get('decision')}, {report.get('reason')}, "
+            f"prefilled {report.get('tokens_prefilled')}, estimate "
+            f"{report.get('overhead_ms', 0):.2f} ms)  dense {dense_ms:7.2f} ms  floor "
+            f"{floor_ms:7.2f} ms",
+            flush=True,
+        )
     med = {k: statistics.median(r[k] for r in rows) for k in ("reuse_ms", "dense_ms", "floor_ms")}
     stats = client.session.get(args.url + "/kvcomm/stats", timeout=30).json()
-    print(f"\n{len(tokens)}-token prompt, median of {args.runs}: reuse {med['reuse_ms']:.2f} ms, "
-          f"dense {med['dense_ms']:.2f} ms ({med['dense_ms'] / med['reuse_ms']:.2f}x), floor "
-          f"{med['floor_ms']:.2f} ms (reuse / floor {med['reuse_ms'] / med['floor_ms']:.2f}); "
-          f"reuse rate {stats['reuse_rate']:.2f}")  # fmt: skip
+    print(
+        f"\n{len(tokens)}-token prompt, median of {args.runs}: reuse {med['reuse_ms']:.2f} ms, "
+        f"dense {med['dense_ms']:.2f} ms ({med['dense_ms'] / med['reuse_ms']:.2f}x), floor "
+        f"{med['floor_ms']:.2f} ms (reuse / floor {med['reuse_ms'] / med['floor_ms']:.2f}); "
+        f"reuse rate {stats['reuse_rate']:.2f}"
+    )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "reuse_probe.json").write_text(

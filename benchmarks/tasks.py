@@ -96,15 +96,33 @@ def passes_tests(code: str | None, item: Item, timeout_s: float = 10.0) -> bool:
 
 TASKS = {
     "gsm8k": Task(
-        "gsm8k", MATH_ROLES, MATH_DECISION, 256, 24, _gsm8k, extract_number,
+        "gsm8k",
+        MATH_ROLES,
+        MATH_DECISION,
+        256,
+        24,
+        _gsm8k,
+        extract_number,
         lambda answer, item: answer == item.reference,
     ),
     "mmlu": Task(
-        "mmlu", KNOWLEDGE_ROLES, KNOWLEDGE_DECISION, 64, 12, _mmlu, extract_choice,
+        "mmlu",
+        KNOWLEDGE_ROLES,
+        KNOWLEDGE_DECISION,
+        64,
+        12,
+        _mmlu,
+        extract_choice,
         lambda answer, item: answer == item.reference,
     ),
     "humaneval": Task(
-        "humaneval", CODE_ROLES, CODE_DECISION, 256, 320, _humaneval, extract_code,
+        "humaneval",
+        CODE_ROLES,
+        CODE_DECISION,
+        256,
+        320,
+        _humaneval,
+        extract_code,
         passes_tests,
     ),
-}  # fmt: skip
+}

@@ -35,8 +35,11 @@ class TokenClient:
     ) -> tuple[float, list[int], dict]:
         """Streams exactly ``max_new_tokens`` (EOS ignored): client-side TTFT (ms) of the first
         chunk, all output ids and the final meta info."""
-        body = {"input_ids": tokens, "sampling_params": _sampling(max_new_tokens, custom_params),
-                "stream": True}  # fmt: skip
+        body = {
+            "input_ids": tokens,
+            "sampling_params": _sampling(max_new_tokens, custom_params),
+            "stream": True,
+        }
         t0 = time.perf_counter()
         ttft, last = None, None
         with self.session.post(self.url + "/generate", json=body, stream=True, timeout=600) as res:

@@ -96,8 +96,11 @@ class Bench:
         for agent in range(shape.agents):
             tokens, spans = ex.prompt(agent, shared)
             last = agent == shape.agents - 1
-            custom = {"kvcomm_mode": "approx", "kvcomm_spans": spans,
-                      "kvcomm_agent": f"agent{agent + 1}"}  # fmt: skip
+            custom = {
+                "kvcomm_mode": "approx",
+                "kvcomm_spans": spans,
+                "kvcomm_agent": f"agent{agent + 1}",
+            }
             ms, out, meta = self.kvcomm.stream(tokens, 1 if last else shape.output + 1, custom)
             report = report_from_meta(meta)
             sample["kvcomm_ms"].append(ms)
@@ -127,21 +130,42 @@ def table2(bench: Bench, shape: Shape, warmup: int, runs: int) -> dict:
     agents = []
     for a in range(shape.agents):
         overhead = [s["reports"][a].get("overhead_ms") for s in ex.samples]
-        agents.append({
-            "agent": a + 1, "radix_ms": radix[a], "kvcomm_ms": kvcomm[a],
-            "speedup": radix[a] / kvcomm[a], "reused": reused(ex.samples, a),
-            "estimate_ms": statistics.median(x for x in overhead if x is not None)
-            if any(x is not None for x in overhead) else None,
-            "prompt_tokens": shape.prefix + shape.input + a * shape.output
-            + (a + 2) * SEPARATOR,
-        })  # fmt: skip
+        agents.append(
+            {
+                "agent": a + 1,
+                "radix_ms": radix[a],
+                "kvcomm_ms": kvcomm[a],
+                "speedup": radix[a] / kvcomm[a],
+                "reused": reused(ex.samples, a),
+                "estimate_ms": statistics.median(x for x in overhead if x is not None)
+                if any(x is not None for x in overhead)
+                else None,
+                "prompt_tokens": shape.prefix
+                + shape.input
+                + a * shape.output
+                + (a + 2) * SEPARATOR,
+            }
+        )
     floor = statistics.median(s["floor_ms"] for s in ex.samples)
-    return {"shape": shape.__dict__, "warmup": warmup, "runs": runs, "agents": agents,
-            "floor_ms": floor, "samples": ex.samples}  # fmt: skip
+    return {
+        "shape": shape.__dict__,
+        "warmup": warmup,
+        "runs": runs,
+        "agents": agents,
+        "floor_ms": floor,
+        "samples": ex.samples,
+    }
 
 
-def table3(bench: Bench, agents: int, input_len: int, prefixes: list[int], outputs: list[int],
-           warmup: int, runs: int) -> dict:  # fmt: skip
+def table3(
+    bench: Bench,
+    agents: int,
+    input_len: int,
+    prefixes: list[int],
+    outputs: list[int],
+    warmup: int,
+    runs: int,
+) -> dict:
     """Per prefix: warm-up exchanges at the longest output (anchors at least as long as every
     later response), then the outputs longest first."""
     cells = []
@@ -161,23 +185,48 @@ def table3(bench: Bench, agents: int, input_len: int, prefixes: list[int], outpu
                 radix = per_agent(ex.samples, "radix_ms")
                 kvcomm = per_agent(ex.samples, "kvcomm_ms")
                 speedups = [r / k for r, k in zip(radix, kvcomm, strict=True)]
-                cells.append({
-                    "prefix": prefix, "output": output, "radix_ms": radix, "kvcomm_ms": kvcomm,
-                    "speedup_mean": statistics.fmean(speedups), "speedup_last": speedups[-1],
-                    "reused": [reused(ex.samples, a) for a in range(agents)],
-                    "samples": ex.samples,
-                })  # fmt: skip
-    return {"agents": agents, "input": input_len, "warmup": warmup, "runs": runs,
-            "cells": cells}  # fmt: skip
+                cells.append(
+                    {
+                        "prefix": prefix,
+                        "output": output,
+                        "radix_ms": radix,
+                        "kvcomm_ms": kvcomm,
+                        "speedup_mean": statistics.fmean(speedups),
+                        "speedup_last": speedups[-1],
+                        "reused": [reused(ex.samples, a) for a in range(agents)],
+                        "samples": ex.samples,
+                    }
+                )
+    return {"agents": agents, "input": input_len, "warmup": warmup, "runs": runs, "cells": cells}
 
 
 def print_table2(result: dict) -> None:
-    rows = [[a["agent"], a["prompt_tokens"], a["radix_ms"], a["kvcomm_ms"], a["speedup"],
-             f"{a['reused']}/{result['runs']}",
-             a["estimate_ms"] if a["estimate_ms"] is not None else "-"]
-            for a in result["agents"]]  # fmt: skip
-    print(format_table(["agent", "prompt tokens", "radix-only ms", "KVCOMM ms", "speedup",
-                        "reused", "estimate ms"], rows))  # fmt: skip
+    rows = [
+        [
+            a["agent"],
+            a["prompt_tokens"],
+            a["radix_ms"],
+            a["kvcomm_ms"],
+            a["speedup"],
+            f"{a['reused']}/{result['runs']}",
+            a["estimate_ms"] if a["estimate_ms"] is not None else "-",
+        ]
+        for a in result["agents"]
+    ]
+    print(
+        format_table(
+            [
+                "agent",
+                "prompt tokens",
+                "radix-only ms",
+                "KVCOMM ms",
+                "speedup",
+                "reused",
+                "estimate ms",
+            ],
+            rows,
+        )
+    )
     last = result["agents"][-1]
     print(
         f"floor (last agent's prompt again, full radix hit): {result['floor_ms']:.1f} ms; "
@@ -189,8 +238,16 @@ def print_table3(result: dict) -> None:
     outputs = sorted({c["output"] for c in result["cells"]})
     prefixes = sorted({c["prefix"] for c in result["cells"]})
     cell = {(c["prefix"], c["output"]): c for c in result["cells"]}
-    rows = [[p, *(f"{cell[p, o]['speedup_mean']:.2f}x ({cell[p, o]['speedup_last']:.2f}x)"
-                  for o in outputs)] for p in prefixes]  # fmt: skip
+    rows = [
+        [
+            p,
+            *(
+                f"{cell[p, o]['speedup_mean']:.2f}x ({cell[p, o]['speedup_last']:.2f}x)"
+                for o in outputs
+            ),
+        ]
+        for p in prefixes
+    ]
     print(format_table(["prefix \\ output", *outputs], rows))
     print("mean over agents of radix-only / KVCOMM median TTFT (last agent's in brackets)")
 
@@ -210,17 +267,29 @@ def plot(results: dict, out: Path) -> None:
         agents = [a["agent"] for a in t2["agents"]]
         fig, ax = plt.subplots(figsize=(7, 3.8))
         width = 0.38
-        ax.bar([a - width / 2 for a in agents], [a["radix_ms"] for a in t2["agents"]], width,
-               label="radix-only", color="#888")  # fmt: skip
-        bars = ax.bar([a + width / 2 for a in agents], [a["kvcomm_ms"] for a in t2["agents"]],
-                      width, label="KVCOMM", color="#2a7")  # fmt: skip
+        ax.bar(
+            [a - width / 2 for a in agents],
+            [a["radix_ms"] for a in t2["agents"]],
+            width,
+            label="radix-only",
+            color="#888",
+        )
+        bars = ax.bar(
+            [a + width / 2 for a in agents],
+            [a["kvcomm_ms"] for a in t2["agents"]],
+            width,
+            label="KVCOMM",
+            color="#2a7",
+        )
         ax.bar_label(bars, labels=[f"{a['speedup']:.1f}x" for a in t2["agents"]])
         ax.axhline(t2["floor_ms"], ls="--", color="#a27", label="full radix hit (floor)")
         ax.set_xlabel("agent")
         ax.set_ylabel("TTFT, ms (median)")
         s = t2["shape"]
-        ax.set_title(f"{s['agents']} agents, input {s['input']}, prefix {s['prefix']}, "
-                     f"responses {s['output']} tokens")  # fmt: skip
+        ax.set_title(
+            f"{s['agents']} agents, input {s['input']}, prefix {s['prefix']}, "
+            f"responses {s['output']} tokens"
+        )
         ax.set_xticks(agents)
         ax.legend()
         fig.tight_layout()
@@ -230,8 +299,13 @@ def plot(results: dict, out: Path) -> None:
         cells = results["table3"]["cells"]
         outputs = sorted({c["output"] for c in cells})
         prefixes = sorted({c["prefix"] for c in cells})
-        grid = [[next(c["speedup_mean"] for c in cells if c["prefix"] == p and c["output"] == o)
-                 for o in outputs] for p in prefixes]  # fmt: skip
+        grid = [
+            [
+                next(c["speedup_mean"] for c in cells if c["prefix"] == p and c["output"] == o)
+                for o in outputs
+            ]
+            for p in prefixes
+        ]
         fig, ax = plt.subplots(figsize=(6, 4))
         image = ax.imshow(grid, cmap="viridis", origin="lower")
         for i, row in enumerate(grid):
@@ -273,15 +347,19 @@ def ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[2:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("--table", choices=("2", "3", "both"), default="2")
     parser.add_argument("--radix-url", help="a running stock server (no --kvcomm)")
     parser.add_argument("--kvcomm-url", help="a running --kvcomm server with the same model")
-    parser.add_argument("--model", default="smollm2",
-                        help="for the CPU servers this script starts: a packaged model "
-                             f"({', '.join(MODELS)}) or a model folder")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="for the CPU servers this script starts: a packaged model "
+        f"({', '.join(MODELS)}) or a model folder",
+    )
     parser.add_argument(
         "--kvcomm-args", default="", help="extra flags for the --kvcomm server this script starts"
     )
@@ -302,9 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[128, 256, 512, 1024],
         help="table 3: response lengths, comma-separated",
     )
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="exchanges per shape (table 3: per prefix) before measuring; the "
-                             "gate needs two anchors per span")  # fmt: skip
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="exchanges per shape (table 3: per prefix) before measuring; the "
+        "gate needs two anchors per span",
+    )
     parser.add_argument("--runs", type=int, default=3, help="table 2: measured exchanges")
     parser.add_argument("--grid-runs", type=int, default=2, help="table 3: measured per cell")
     parser.add_argument(
@@ -315,9 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/out/ttft", help="output folder")
-    parser.add_argument("--from-json", nargs="+", metavar="JSON",
-                        help="no servers: print the tables and draw the plots of earlier runs' "
-                             "ttft.json (table 3 cells of several files are merged)")  # fmt: skip
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="JSON",
+        help="no servers: print the tables and draw the plots of earlier runs' "
+        "ttft.json (table 3 cells of several files are merged)",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         return replot(args.from_json, Path(args.out))
@@ -343,14 +429,23 @@ def main(argv: list[str] | None = None) -> int:
             (out / "ttft.json").write_text(json.dumps(results, indent=1))
             print_table2(results["table2"])
         if args.table in ("3", "both"):
-            results["table3"] = table3(bench, args.grid_agents, args.input, args.prefixes,
-                                       args.outputs, args.warmup, args.grid_runs)  # fmt: skip
+            results["table3"] = table3(
+                bench,
+                args.grid_agents,
+                args.input,
+                args.prefixes,
+                args.outputs,
+                args.warmup,
+                args.grid_runs,
+            )
             print_table3(results["table3"])
         results["kvcomm_stats"] = requests.get(urls[1] + "/kvcomm/stats", timeout=30).json()
     results["wall_s"] = time.perf_counter() - started
     stats = results["kvcomm_stats"]
-    print(f"KVCOMM server: reuse rate {stats['reuse_rate']:.2f} over all its requests "
-          f"(warm-ups included); fallbacks {stats['fallbacks']}")  # fmt: skip
+    print(
+        f"KVCOMM server: reuse rate {stats['reuse_rate']:.2f} over all its requests "
+        f"(warm-ups included); fallbacks {stats['fallbacks']}"
+    )
     (out / "ttft.json").write_text(json.dumps(results, indent=1))
     plot(results, out)
     print(f"wrote {out / 'ttft.json'} and plots; {results['wall_s']:.0f} s")

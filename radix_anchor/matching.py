@@ -37,9 +37,18 @@ class Distances:
 
     def rows(self, index: list[int]) -> Distances:
         i = torch.tensor(index, dtype=torch.long, device=self.values.device)
-        return Distances(*(t.index_select(0, i) for t in (
-            self.placeholder_k, self.placeholder_v, self.following_k, self.following_v,
-            self.values)))  # fmt: skip
+        return Distances(
+            *(
+                t.index_select(0, i)
+                for t in (
+                    self.placeholder_k,
+                    self.placeholder_v,
+                    self.following_k,
+                    self.following_v,
+                    self.values,
+                )
+            )
+        )
 
 
 def anchor_distances(query: KV, anchors: Sequence[KV]) -> Distances:

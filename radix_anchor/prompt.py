@@ -25,8 +25,9 @@ class PromptLayout:
         previous_end = 0
         for start, end in spans:
             if not previous_end <= start < end <= len(tokens):
-                raise ValueError(f"spans {list(spans)} are not ordered, disjoint and inside "
-                                 f"{len(tokens)} tokens")  # fmt: skip
+                raise ValueError(
+                    f"spans {list(spans)} are not ordered, disjoint and inside {len(tokens)} tokens"
+                )
             previous_end = end
         return cls(tuple(tokens), tuple((int(s), int(e)) for s, e in spans))
 

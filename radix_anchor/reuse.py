@@ -75,8 +75,10 @@ class Reuse:
         parts = []
         for piece in self.pieces:
             est = apply(piece.recipe, piece.position, rope)
-            parts += [est.content.tokens(slice(0, piece.content_tokens)),
-                      est.following.tokens(slice(0, piece.following_tokens))]  # fmt: skip
+            parts += [
+                est.content.tokens(slice(0, piece.content_tokens)),
+                est.following.tokens(slice(0, piece.following_tokens)),
+            ]
         return KV(torch.cat([p.k for p in parts], 1), torch.cat([p.v for p in parts], 1))
 
 
@@ -168,8 +170,9 @@ class KVComm:
             candidates.append((j, base, usable, dist))
         chosen: list[tuple[int, KV, GateDecision, Distances | None]] = []
         for j, base, usable, dist in candidates:
-            decision = decide(base.v, usable, self.config.gamma,
-                              distances=None if dist is None else dist.values)  # fmt: skip
+            decision = decide(
+                base.v, usable, self.config.gamma, distances=None if dist is None else dist.values
+            )
             if not decision.shareable:
                 return Fallback(decision.reason.split(":")[0], f"span {j}: {decision.reason}")
             chosen.append((j, base, decision, dist))
@@ -178,13 +181,18 @@ class KVComm:
         for j, base, decision, dist in chosen:
             following = layout.following(j)
             nothing_after = None if following else KV(base.k[:, :0], base.v[:, :0])
-            recipe = weigh(base, decision.anchors, following, self.config.estimate, nothing_after,
-                           dist)  # fmt: skip
+            recipe = weigh(
+                base, decision.anchors, following, self.config.estimate, nothing_after, dist
+            )
             span_start, span_end = spans[j]
-            pieces.append(Piece(
-                recipe, span_start, min(span_end, end) - span_start,
-                max(0, min(layout.following_end(j), end) - span_end),
-            ))  # fmt: skip
+            pieces.append(
+                Piece(
+                    recipe,
+                    span_start,
+                    min(span_end, end) - span_start,
+                    max(0, min(layout.following_end(j), end) - span_end),
+                )
+            )
         return Reuse(start, end, pieces, [d for _, _, d, _ in chosen])
 
     def commit(self, reuse: Reuse) -> None:
@@ -254,9 +262,11 @@ class KVComm:
 
     def _anchor_kvs(self) -> list[KV]:
         return [
-            kv for pool in self.anchors.pools() for a in pool
+            kv
+            for pool in self.anchors.pools()
+            for a in pool
             for kv in (a.base, a.ph_offset, a.following)
-        ]  # fmt: skip
+        ]
 
     def _enforce_budget(self) -> None:
         """Free memory in one least-recently-used order over bases and anchor pools: the

@@ -82,7 +82,11 @@ class PoolKV:
             at = piece.position - reuse.start
             after = at + piece.recipe.length
             kvcomm_kernels.write_recipe(
-                self.k_buffer, self.v_buffer, piece.recipe, piece.position,
+                self.k_buffer,
+                self.v_buffer,
+                piece.recipe,
+                piece.position,
                 slots[at : at + piece.content_tokens],
-                slots[after : after + piece.following_tokens], rope,
-            )  # fmt: skip
+                slots[after : after + piece.following_tokens],
+                rope,
+            )

@@ -26,12 +26,15 @@ import requests
 # --sleep-on-idle: an idle scheduler otherwise busy-polls a whole core, which starves a second
 # server (or the client) on a 2-core machine.
 CPU_ARGS = (
-    "--device", "cpu",
-    "--attention-backend", "torch_native",
-    "--dtype", "float32",
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--dtype",
+    "float32",
     "--disable-cuda-graph",
     "--sleep-on-idle",
-)  # fmt: skip
+)
 
 
 class ServerStartError(RuntimeError):
@@ -79,13 +82,20 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
-            sys.executable, "-m", "sglang.launch_server",
-            "--model-path", str(model_path),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-total-tokens", str(max_total_tokens),
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-total-tokens",
+            str(max_total_tokens),
             *(CPU_ARGS if cpu else ()),
             *extra_args,
-        ]  # fmt: skip
+        ]
         self.cpu = cpu
         self.start_timeout_s = start_timeout_s
         if log_path is None:

@@ -26,8 +26,10 @@ def test_variants_against_dense_prefill(harness_and_stream):
     assert naive["kv_error_per_layer"][0] > 0.1  # without rotation even layer 0 is wrong
     # blending the following segment's KV observed in the anchors' contexts beats shifting a
     # template computed without the content
-    assert (results["rotation + following offset"]["kv_error_mean"]
-            < results["rotation only"]["kv_error_mean"])  # fmt: skip
+    assert (
+        results["rotation + following offset"]["kv_error_mean"]
+        < results["rotation only"]["kv_error_mean"]
+    )
 
 
 def test_gate_sweep_reuses_more_as_gamma_grows(harness_and_stream):

@@ -53,8 +53,10 @@ def _pool(shape, dtype):
 
 
 def _kv(layers, tokens, heads, dim, dtype) -> KV:
-    return KV(torch.randn(layers, tokens, heads, dim).to(dtype),
-              torch.randn(layers, tokens, heads, dim).to(dtype))  # fmt: skip
+    return KV(
+        torch.randn(layers, tokens, heads, dim).to(dtype),
+        torch.randn(layers, tokens, heads, dim).to(dtype),
+    )
 
 
 def _recipe(shape, dtype, tokens, following, anchors) -> Recipe:
@@ -98,8 +100,9 @@ def test_write_recipe_matches_the_reference(model, dtype, layout):
         for w, g in zip(want, got, strict=True):
             assert not g[written].isnan().any()  # every destination row fully written
             assert g[untouched].isnan().all()  # nothing else touched
-            torch.testing.assert_close(g[written].float(), w[written].float(),
-                                       rtol=TOL[dtype], atol=TOL[dtype])  # fmt: skip
+            torch.testing.assert_close(
+                g[written].float(), w[written].float(), rtol=TOL[dtype], atol=TOL[dtype]
+            )
 
 
 def test_write_recipe_without_placeholder_offsets_is_the_rotated_base():
@@ -129,8 +132,9 @@ def test_gather_matches_the_reference(dtype, shift):
     for backend in ("torch", "triton"):
         _use(backend)
         got[backend] = kvcomm_kernels.gather(pool_k, pool_v, slots, shift, rope)
-    torch.testing.assert_close(got["triton"].k.float(), got["torch"].k.float(),
-                               rtol=TOL[dtype], atol=TOL[dtype])  # fmt: skip
+    torch.testing.assert_close(
+        got["triton"].k.float(), got["torch"].k.float(), rtol=TOL[dtype], atol=TOL[dtype]
+    )
     torch.testing.assert_close(got["triton"].v, got["torch"].v)
 
 
@@ -167,9 +171,20 @@ def test_pool_write_of_a_planned_reuse_is_its_materialized_kv(backend):
         )
     reuse = engine.plan(layout(0, 20), exact_len=3, end=19)  # new pairing; the last token left
     _use(backend)
-    pool = PoolKV(SimpleNamespace(*(), **dict(zip(("k_buffer", "v_buffer"),
-                  _pool((layers, heads, dim), torch.float32), strict=True)),
-                  dtype=torch.float32, store_dtype=torch.float32))  # fmt: skip
+    pool = PoolKV(
+        SimpleNamespace(
+            *(),
+            **dict(
+                zip(
+                    ("k_buffer", "v_buffer"),
+                    _pool((layers, heads, dim), torch.float32),
+                    strict=True,
+                )
+            ),
+            dtype=torch.float32,
+            store_dtype=torch.float32,
+        )
+    )
     slots = _slots(reuse.num_tokens)
     pool.write(reuse, slots, rope)
     want = reuse.materialize(rope)
@@ -189,8 +204,9 @@ def test_anchor_distances_match_the_reference(dtype):
     got = kvcomm_kernels.anchor_distances(query, anchors)
     want = anchor_distances(query, anchors)
     for name in ("placeholder_k", "placeholder_v", "following_k", "following_v", "values"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4,
-                                   msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4, msg=name
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -204,8 +220,11 @@ def test_warm_up_runs_the_reuse_path_on_the_padding_slot_only(backend):
     for buf in (*pool_k, *pool_v):
         buf[0] = 0.0  # SGLang's padding slot
     _use(backend)
-    pool = PoolKV(SimpleNamespace(k_buffer=pool_k, v_buffer=pool_v, dtype=torch.bfloat16,
-                                  store_dtype=torch.bfloat16))  # fmt: skip
+    pool = PoolKV(
+        SimpleNamespace(
+            k_buffer=pool_k, v_buffer=pool_v, dtype=torch.bfloat16, store_dtype=torch.bfloat16
+        )
+    )
     pool.warm_up(RopeSpec.from_theta(dim, 1e6))
     for buf in (*pool_k, *pool_v):
         assert not buf[0].isnan().any()

@@ -11,8 +11,7 @@ from kvcomm_frontend.markup import MarkupError, agent, parse, shared, strip
 def test_parse_splits_fixed_and_shared_pieces_and_reads_the_tag():
     text = agent("Solver", "exact") + "System.\nQ: " + shared("2+2?") + "\nA: " + shared("4")
     markup = parse(text)
-    assert markup.pieces == (("System.\nQ: ", False), ("2+2?", True), ("\nA: ", False),
-                             ("4", True))  # fmt: skip
+    assert markup.pieces == (("System.\nQ: ", False), ("2+2?", True), ("\nA: ", False), ("4", True))
     assert (markup.agent, markup.mode) == ("Solver", "exact")
     assert strip(text) == "System.\nQ: 2+2?\nA: 4"
     assert parse("plain text").pieces == (("plain text", False),)
@@ -49,6 +48,7 @@ def test_shared_text_gets_the_same_ids_behind_any_prefix(tokenizer):
 def test_a_quoted_generation_keeps_the_ids_the_model_produced(tokenizer):
     generated = " The answer is 4."
     produced = tokenizer.encode(generated, add_special_tokens=False)[::-1]  # any ids: used as-is
-    ids, spans = encode_prompt(parse("Q " + shared(generated) + " ok"), tokenizer,
-                               {generated: produced})  # fmt: skip
+    ids, spans = encode_prompt(
+        parse("Q " + shared(generated) + " ok"), tokenizer, {generated: produced}
+    )
     assert ids[spans[0] : spans[1]] == produced

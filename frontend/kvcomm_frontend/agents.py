@@ -34,17 +34,31 @@ _SHOW_WORK = (
     "the final number."
 )
 MATH_ROLES = (
-    AgentRole("Math Solver", "You are a careful math solver. Give your own solving process "
-              f"step by step. {_SHOW_WORK}"),
-    AgentRole("Mathematical Analyst", "You are a mathematical analyst. Check the other agents' "
-              f"reasoning, then solve the problem yourself step by step. {_SHOW_WORK}"),
-    AgentRole("Inspector", "You are an inspector who verifies arithmetic. Recompute each "
-              f"quantity of the problem step by step. {_SHOW_WORK}"),
-    AgentRole("Programming Expert", "You are a programming expert. Write the computation as "
-              f"short Python-like steps and evaluate them. {_SHOW_WORK}"),
-    AgentRole("Math Teacher", "You are a math teacher. Explain the simplest way to solve the "
-              f"problem and check the other answers. {_SHOW_WORK}"),
-)  # fmt: skip
+    AgentRole(
+        "Math Solver",
+        f"You are a careful math solver. Give your own solving process step by step. {_SHOW_WORK}",
+    ),
+    AgentRole(
+        "Mathematical Analyst",
+        "You are a mathematical analyst. Check the other agents' "
+        f"reasoning, then solve the problem yourself step by step. {_SHOW_WORK}",
+    ),
+    AgentRole(
+        "Inspector",
+        "You are an inspector who verifies arithmetic. Recompute each "
+        f"quantity of the problem step by step. {_SHOW_WORK}",
+    ),
+    AgentRole(
+        "Programming Expert",
+        "You are a programming expert. Write the computation as "
+        f"short Python-like steps and evaluate them. {_SHOW_WORK}",
+    ),
+    AgentRole(
+        "Math Teacher",
+        "You are a math teacher. Explain the simplest way to solve the "
+        f"problem and check the other answers. {_SHOW_WORK}",
+    ),
+)
 
 MATH_DECISION = AgentRole(
     "Decision Maker",
@@ -73,15 +87,23 @@ KNOWLEDGE_DECISION = AgentRole(
 _CODE = "Reply with the complete function in one ```python code block."
 CODE_ROLES = (
     AgentRole("Project Manager", f"You are a project manager. Plan the solution briefly. {_CODE}"),
-    AgentRole("Algorithm Designer", f"You are an algorithm designer. Choose a correct, simple "
-              f"algorithm and handle the edge cases. {_CODE}"),
-    AgentRole("Programming Expert", f"You are a programming expert. Write clean, correct "
-              f"Python. {_CODE}"),
-    AgentRole("Test Analyst", f"You are a test analyst. Check the other solutions against the "
-              f"examples in the docstring and fix what fails. {_CODE}"),
-    AgentRole("Bug Fixer", f"You are a bug fixer. Find and fix the bugs in the other solutions. "
-              f"{_CODE}"),
-)  # fmt: skip
+    AgentRole(
+        "Algorithm Designer",
+        f"You are an algorithm designer. Choose a correct, simple "
+        f"algorithm and handle the edge cases. {_CODE}",
+    ),
+    AgentRole(
+        "Programming Expert", f"You are a programming expert. Write clean, correct Python. {_CODE}"
+    ),
+    AgentRole(
+        "Test Analyst",
+        f"You are a test analyst. Check the other solutions against the "
+        f"examples in the docstring and fix what fails. {_CODE}",
+    ),
+    AgentRole(
+        "Bug Fixer", f"You are a bug fixer. Find and fix the bugs in the other solutions. {_CODE}"
+    ),
+)
 
 CODE_DECISION = AgentRole(
     "Final Code Writer",
@@ -118,14 +140,14 @@ def fully_connected(
         fork += sgl.user(agent_message(question, answers))
         fork += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))
         answers.append((role.name, fork["answer"]))  # blocks: the next agent needs it
-        records.append({"agent": role.name, "answer": fork["answer"],
-                        "meta": fork.get_meta_info("answer")})  # fmt: skip
+        records.append(
+            {"agent": role.name, "answer": fork["answer"], "meta": fork.get_meta_info("answer")}
+        )
     agents.join()
     s += sgl.system(agent(decision.name, decision_mode) + decision.system_prompt)
     s += sgl.user(agent_message(question, answers))
     s += sgl.assistant(sgl.gen("final", max_tokens=decision_max_tokens, temperature=0))
-    records.append({"agent": decision.name, "answer": s["final"],
-                    "meta": s.get_meta_info("final")})  # fmt: skip
+    records.append({"agent": decision.name, "answer": s["final"], "meta": s.get_meta_info("final")})
     return records
 
 

@@ -67,17 +67,33 @@ def write_recipe(
     if n_content:
         cos, sin = _shift_rows(n_content, position, rope, device)
         triton_ops.write_content(
-            list(pool_k), list(pool_v), content_slots, base.k.contiguous(), base.v.contiguous(),
-            [o.k.contiguous() for o in recipe.offsets], [o.v.contiguous() for o in recipe.offsets],
-            recipe.wk, recipe.wv, cos, sin, interleaved,
-        )  # fmt: skip
+            list(pool_k),
+            list(pool_v),
+            content_slots,
+            base.k.contiguous(),
+            base.v.contiguous(),
+            [o.k.contiguous() for o in recipe.offsets],
+            [o.v.contiguous() for o in recipe.offsets],
+            recipe.wk,
+            recipe.wv,
+            cos,
+            sin,
+            interleaved,
+        )
     if n_following:
         cos, sin = _shift_rows(n_following, position + recipe.length, rope, device)
         triton_ops.write_following(
-            list(pool_k), list(pool_v), following_slots,
-            [f.k.contiguous() for f in recipe.follows], [f.v.contiguous() for f in recipe.follows],
-            recipe.fk.to(device), recipe.fv.to(device), cos, sin, interleaved,
-        )  # fmt: skip
+            list(pool_k),
+            list(pool_v),
+            following_slots,
+            [f.k.contiguous() for f in recipe.follows],
+            [f.v.contiguous() for f in recipe.follows],
+            recipe.fk.to(device),
+            recipe.fv.to(device),
+            cos,
+            sin,
+            interleaved,
+        )
 
 
 def anchor_distances(query: KV, anchors: list[KV]) -> Distances:
@@ -86,10 +102,14 @@ def anchor_distances(query: KV, anchors: list[KV]) -> Distances:
         return matching.anchor_distances(query, anchors)
     from kvcomm_kernels import triton_ops
 
-    return Distances(*triton_ops.anchor_distances(
-        query.k.contiguous(), query.v.contiguous(),
-        [a.k.contiguous() for a in anchors], [a.v.contiguous() for a in anchors],
-    ))  # fmt: skip
+    return Distances(
+        *triton_ops.anchor_distances(
+            query.k.contiguous(),
+            query.v.contiguous(),
+            [a.k.contiguous() for a in anchors],
+            [a.v.contiguous() for a in anchors],
+        )
+    )
 
 
 def gather(

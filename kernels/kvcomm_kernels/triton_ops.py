@@ -24,8 +24,16 @@ import triton.language as tl
 
 # Sizes and the slot table (often a view at any offset) are runtime values, not specialization
 # keys: one compiled variant per model shape and dtype, compiled once by ``warm_up``.
-_SIZES = ["slots", "n_tokens", "base_tokens", "n_anchors", "w_stride", "fol_tokens",
-          "n_sources", "n_layers"]  # fmt: skip
+_SIZES = [
+    "slots",
+    "n_tokens",
+    "base_tokens",
+    "n_anchors",
+    "w_stride",
+    "fol_tokens",
+    "n_sources",
+    "n_layers",
+]
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK_T = 16
 
@@ -115,7 +123,7 @@ def _load_pair(ptr, rows, c1, c2, m):
 @triton.jit
 def _add_weighted(
     k_tab, v_tab, n, row, c1, c2, m, wk1, wk2, wv1, wv2, k1, k2, v1, v2, DT: tl.constexpr
-):  # fmt: skip
+):
     """The accumulators plus source ``n``'s K and V rows (addresses from the tables), each
     half of the channel pairs scaled by its weight."""
     kp = tl.load(k_tab + n).to(tl.pointer_type(DT))
@@ -127,9 +135,26 @@ def _add_weighted(
 
 @triton.jit
 def _shift_scatter(
-    k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask, c1, c2,
-    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
-):  # fmt: skip
+    k1,
+    k2,
+    v1,
+    v2,
+    cos,
+    sin,
+    slots,
+    pool_k_tab,
+    pool_v_tab,
+    layer,
+    head,
+    t,
+    mask,
+    c1,
+    c2,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    DT: tl.constexpr,
+):
     """Rotate K by the tokens' cos/sin and store K and V at their pool slots of ``layer``."""
     m = mask[:, None]
     cs = t[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -144,12 +169,29 @@ def _shift_scatter(
 
 @_runtime_sizes
 def _content_kernel(
-    base_k, base_v, off_k_tab, off_v_tab, off_layer_stride, wk, wv, cos, sin, slots,
-    pool_k_tab, pool_v_tab,
-    n_tokens, base_tokens, n_anchors, w_stride,
-    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    base_k,
+    base_v,
+    off_k_tab,
+    off_v_tab,
+    off_layer_stride,
+    wk,
+    wv,
+    cos,
+    sin,
+    slots,
+    pool_k_tab,
+    pool_v_tab,
+    n_tokens,
+    base_tokens,
+    n_anchors,
+    w_stride,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     layer, head, t, mask, m, c1, c2 = _tile(n_tokens, HALF, INTERLEAVED, BLOCK)
     src = (layer * base_tokens + t) * HEADS * DIM + head * DIM  # row offsets, [L, T, H, D]
     k1, k2 = _load_pair(base_k, src, c1, c2, m)
@@ -159,19 +201,54 @@ def _content_kernel(
             row = layer * tl.load(off_layer_stride + n) + (t * HEADS + head) * DIM
             a = tl.load(wk + n * w_stride + t, mask=mask, other=0.0)[:, None]
             b = tl.load(wv + n * w_stride + t, mask=mask, other=0.0)[:, None]
-            k1, k2, v1, v2 = _add_weighted(off_k_tab, off_v_tab, n, row, c1, c2, m, a, a, b, b,
-                                           k1, k2, v1, v2, DT)  # fmt: skip
-    _shift_scatter(k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask,
-                   c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
+            k1, k2, v1, v2 = _add_weighted(
+                off_k_tab, off_v_tab, n, row, c1, c2, m, a, a, b, b, k1, k2, v1, v2, DT
+            )
+    _shift_scatter(
+        k1,
+        k2,
+        v1,
+        v2,
+        cos,
+        sin,
+        slots,
+        pool_k_tab,
+        pool_v_tab,
+        layer,
+        head,
+        t,
+        mask,
+        c1,
+        c2,
+        HEADS,
+        DIM,
+        HALF,
+        DT,
+    )
 
 
 @_runtime_sizes
 def _following_kernel(
-    fol_k_tab, fol_v_tab, fk, fv, cos, sin, slots, pool_k_tab, pool_v_tab,
-    n_tokens, fol_tokens, n_sources, n_layers,
-    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    fol_k_tab,
+    fol_v_tab,
+    fk,
+    fv,
+    cos,
+    sin,
+    slots,
+    pool_k_tab,
+    pool_v_tab,
+    n_tokens,
+    fol_tokens,
+    n_sources,
+    n_layers,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     layer, head, t, mask, m, c1, c2 = _tile(n_tokens, HALF, INTERLEAVED, BLOCK)
     k1 = tl.zeros((BLOCK, HALF), tl.float32)
     k2 = tl.zeros((BLOCK, HALF), tl.float32)
@@ -182,18 +259,49 @@ def _following_kernel(
         w = ((n * n_layers + layer) * HEADS + head) * DIM
         wk1, wk2 = tl.load(fk + w + c1)[None, :], tl.load(fk + w + c2)[None, :]
         wv1, wv2 = tl.load(fv + w + c1)[None, :], tl.load(fv + w + c2)[None, :]
-        k1, k2, v1, v2 = _add_weighted(fol_k_tab, fol_v_tab, n, row, c1, c2, m, wk1, wk2, wv1,
-                                       wv2, k1, k2, v1, v2, DT)  # fmt: skip
-    _shift_scatter(k1, k2, v1, v2, cos, sin, slots, pool_k_tab, pool_v_tab, layer, head, t, mask,
-                   c1, c2, HEADS, DIM, HALF, DT)  # fmt: skip
+        k1, k2, v1, v2 = _add_weighted(
+            fol_k_tab, fol_v_tab, n, row, c1, c2, m, wk1, wk2, wv1, wv2, k1, k2, v1, v2, DT
+        )
+    _shift_scatter(
+        k1,
+        k2,
+        v1,
+        v2,
+        cos,
+        sin,
+        slots,
+        pool_k_tab,
+        pool_v_tab,
+        layer,
+        head,
+        t,
+        mask,
+        c1,
+        c2,
+        HEADS,
+        DIM,
+        HALF,
+        DT,
+    )
 
 
 @_runtime_sizes
 def _gather_kernel(
-    pool_k_tab, pool_v_tab, slots, cos, sin, out_k, out_v, n_tokens,
-    HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    pool_k_tab,
+    pool_v_tab,
+    slots,
+    cos,
+    sin,
+    out_k,
+    out_v,
+    n_tokens,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    DT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     layer, head, t, mask, m, c1, c2 = _tile(n_tokens, HALF, INTERLEAVED, BLOCK)
     src = tl.load(slots + t, mask=mask, other=0) * HEADS * DIM + head * DIM
     pk = tl.load(pool_k_tab + layer).to(tl.pointer_type(DT))
@@ -232,13 +340,27 @@ def write_content(
     strides = [o.stride(0) for o in offsets_k]
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _content_kernel[grid](
-        base_k, base_v, *tables(device, addresses(offsets_k), addresses(offsets_v), strides),
-        wk.contiguous(), wv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
-        pool_table(pool_k, device), pool_table(pool_v, device),
-        slots.numel(), base_tokens, max(n, 1), wk.stride(0),
-        HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(base_k.dtype),
-        INTERLEAVED=interleaved, BLOCK=BLOCK_T,
-    )  # fmt: skip
+        base_k,
+        base_v,
+        *tables(device, addresses(offsets_k), addresses(offsets_v), strides),
+        wk.contiguous(),
+        wv.contiguous(),
+        cos.contiguous(),
+        sin.contiguous(),
+        slots,
+        pool_table(pool_k, device),
+        pool_table(pool_v, device),
+        slots.numel(),
+        base_tokens,
+        max(n, 1),
+        wk.stride(0),
+        HEADS=heads,
+        DIM=dim,
+        HALF=dim // 2,
+        DT=tl_dtype(base_k.dtype),
+        INTERLEAVED=interleaved,
+        BLOCK=BLOCK_T,
+    )
 
 
 def write_following(
@@ -260,12 +382,24 @@ def write_following(
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _following_kernel[grid](
         *tables(device, addresses(follows_k), addresses(follows_v)),
-        fk.contiguous(), fv.contiguous(), cos.contiguous(), sin.contiguous(), slots,
-        pool_table(pool_k, device), pool_table(pool_v, device),
-        slots.numel(), fol_tokens, len(follows_k), layers,
-        HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(follows_k[0].dtype),
-        INTERLEAVED=interleaved, BLOCK=BLOCK_T,
-    )  # fmt: skip
+        fk.contiguous(),
+        fv.contiguous(),
+        cos.contiguous(),
+        sin.contiguous(),
+        slots,
+        pool_table(pool_k, device),
+        pool_table(pool_v, device),
+        slots.numel(),
+        fol_tokens,
+        len(follows_k),
+        layers,
+        HEADS=heads,
+        DIM=dim,
+        HALF=dim // 2,
+        DT=tl_dtype(follows_k[0].dtype),
+        INTERLEAVED=interleaved,
+        BLOCK=BLOCK_T,
+    )
 
 
 def gather(
@@ -285,19 +419,41 @@ def gather(
     out_v = torch.empty_like(out_k)
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _gather_kernel[grid](
-        pool_table(pool_k, slots.device), pool_table(pool_v, slots.device), slots,
-        cos.contiguous(), sin.contiguous(), out_k, out_v, slots.numel(),
-        HEADS=heads, DIM=dim, HALF=dim // 2, DT=tl_dtype(out_k.dtype),
-        INTERLEAVED=interleaved, BLOCK=BLOCK_T,
-    )  # fmt: skip
+        pool_table(pool_k, slots.device),
+        pool_table(pool_v, slots.device),
+        slots,
+        cos.contiguous(),
+        sin.contiguous(),
+        out_k,
+        out_v,
+        slots.numel(),
+        HEADS=heads,
+        DIM=dim,
+        HALF=dim // 2,
+        DT=tl_dtype(out_k.dtype),
+        INTERLEAVED=interleaved,
+        BLOCK=BLOCK_T,
+    )
     return out_k, out_v
 
 
 @_runtime_sizes
 def _start_aligned_distance_kernel(
-    q_k, q_v, a_k_tab, a_v_tab, a_tokens, ph_k, ph_v, value_sq, n_tokens, n_layers,
-    HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    q_k,
+    q_v,
+    a_k_tab,
+    a_v_tab,
+    a_tokens,
+    ph_k,
+    ph_v,
+    value_sq,
+    n_tokens,
+    n_layers,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One program per (anchor, token block, layer): sums over heads and channels, added
     atomically into the per-token outputs (zeroed by the caller)."""
     n, pid_t, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -315,9 +471,11 @@ def _start_aligned_distance_kernel(
         q_row = ((layer * n_tokens + t) * HEADS + head) * DIM
         a_row = ((layer * length + t) * HEADS + head) * DIM
         dk = tl.load(q_k + q_row[:, None] + d, mask=m, other=0.0).to(tl.float32) - tl.load(
-            ak + a_row[:, None] + d, mask=m, other=0.0).to(tl.float32)  # fmt: skip
+            ak + a_row[:, None] + d, mask=m, other=0.0
+        ).to(tl.float32)
         dv = tl.load(q_v + q_row[:, None] + d, mask=m, other=0.0).to(tl.float32) - tl.load(
-            av + a_row[:, None] + d, mask=m, other=0.0).to(tl.float32)  # fmt: skip
+            av + a_row[:, None] + d, mask=m, other=0.0
+        ).to(tl.float32)
         sum_k += tl.sum(tl.abs(dk), axis=1)
         sum_v += tl.sum(tl.abs(dv), axis=1)
         sq_v += tl.sum(dv * dv, axis=1)
@@ -329,9 +487,19 @@ def _start_aligned_distance_kernel(
 
 @_runtime_sizes
 def _end_aligned_distance_kernel(
-    q_k, q_v, a_k_tab, a_v_tab, a_tokens, fol_k, fol_v, n_tokens,
-    HEADS: tl.constexpr, DIM: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    q_k,
+    q_v,
+    a_k_tab,
+    a_v_tab,
+    a_tokens,
+    fol_k,
+    fol_v,
+    n_tokens,
+    HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     n, lh = tl.program_id(0), tl.program_id(1)
     layer, head = lh // HEADS, lh % HEADS
     d = tl.arange(0, DIM)
@@ -360,9 +528,11 @@ def _end_aligned_distance_kernel(
 
 
 def anchor_distances(
-    q_k: torch.Tensor, q_v: torch.Tensor, anchors_k: list[torch.Tensor],
+    q_k: torch.Tensor,
+    q_v: torch.Tensor,
+    anchors_k: list[torch.Tensor],
     anchors_v: list[torch.Tensor],
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
+) -> tuple[torch.Tensor, ...]:
     """Placeholder distances [N, T] (K, V), following distances [N, L, H, D] (K, V) and the
     gate's ||V - V_n[:T]|| [N] of a content ``[L, T, H, D]`` to anchors ``[L, >=T, H, D]``."""
     layers, tokens, heads, dim = q_k.shape
@@ -376,11 +546,33 @@ def anchor_distances(
     fol_v = torch.empty_like(fol_k)
     dt = tl_dtype(q_k.dtype)
     _start_aligned_distance_kernel[(n, triton.cdiv(tokens, BLOCK_T), layers)](
-        q_k, q_v, k_tab, v_tab, lengths, ph_k, ph_v, value_sq, tokens, layers,
-        HEADS=heads, DIM=dim, DT=dt, BLOCK=BLOCK_T,
-    )  # fmt: skip
+        q_k,
+        q_v,
+        k_tab,
+        v_tab,
+        lengths,
+        ph_k,
+        ph_v,
+        value_sq,
+        tokens,
+        layers,
+        HEADS=heads,
+        DIM=dim,
+        DT=dt,
+        BLOCK=BLOCK_T,
+    )
     _end_aligned_distance_kernel[(n, layers * heads)](
-        q_k, q_v, k_tab, v_tab, lengths, fol_k, fol_v, tokens,
-        HEADS=heads, DIM=dim, DT=dt, BLOCK=4 * BLOCK_T,  # long loop over tokens: wider tiles
-    )  # fmt: skip
+        q_k,
+        q_v,
+        k_tab,
+        v_tab,
+        lengths,
+        fol_k,
+        fol_v,
+        tokens,
+        HEADS=heads,
+        DIM=dim,
+        DT=dt,
+        BLOCK=4 * BLOCK_T,  # long loop over tokens: wider tiles
+    )
     return ph_k, ph_v, fol_k, fol_v, value_sq.sum(dim=1).sqrt()
