@@ -1,17 +1,34 @@
-"""Fidelity harness: how close is KVCOMM's estimated KV to a dense prefill, on real models?
+"""Fidelity harness on the server's policy: how close are reused calls to dense prefill?
 
-M agent templates (distinct system prompts and roles) read a stream of shared contents (GSM8K
-questions right after the agent's prefix, and answers the model itself generates, shown after
-their question so that their position varies). Pools, one per (agent, slot), learn online as the
-server would: a call whose content the gate does not find shareable is prefilled densely and
-becomes an anchor. For every (agent, content) pair whose pool has at least two covering anchors,
-the prompt's KV after the agent prefix is estimated with each variant and compared with a dense
-prefill of the same prompt: per-layer relative KV error over the estimated span, KL divergence of
-the next-token distribution at the last prompt position, and greedy agreement over the next
-tokens. A second pass per gamma reports the reuse rate and the fidelity of the reused calls.
+The project's fully connected program on GSM8K questions, computed with transformers (fp32):
+agent i's prompt is its system prompt, the question, the answers of agents 1 .. i-1, and a fixed
+lead-in to its own answer (ChatML). The server's core (``radix_anchor.reuse.KVComm``) serves it:
+agent 1's dense prefill gives the question its base KV (a sibling agent's context, as on the
+server), each answer's decode gives the answer its base, dense calls teach the pools, and every
+span after an agent's system prompt is estimated. The program always continues on the dense
+answers, so every variant sees the same stream.
 
-    python benchmarks/fidelity.py --model smollm2 --contents 16
-    python benchmarks/fidelity.py --model qwen2.5-coder-0.5b --contents 16
+For every call of a warmed-up pool (at least one anchor per span) each variant's KV is scored
+against the dense prefill: teacher-forced along the dense greedy response (``--response``
+tokens), the per-token KL(dense || variant) and top-1 agreement (mean, p95 of KL), the KL of
+the first answer token, and free-running greedy agreement over ``--free`` tokens (exact = all
+equal). Variants, in one run:
+
+- ``server``: the defaults (token-matched offsets, the final segment prefilled exactly);
+- ``token offsets, estimated final`` and ``paper (index weights, estimated final)``: ablations;
+- ``rotation only`` / ``naive reuse``: each content's base KV rotated to its new place (or left
+  where it was computed), every fixed segment prefilled behind it;
+- ``selective recompute 15%``: rotation only, plus the 15% of content tokens whose layer-1 KV
+  deviates most given their dense KV (CacheBlend's selection; an upper bound on CacheBlend,
+  which recomputes those tokens over approximate context).
+
+``--base neutral`` gives each question its base from one prefill behind ``<|im_start|>user\\n``
+instead (the paper's setting; agent 1 can then reuse too). The gate is logged for every scored
+call (entropy, its limit, the server's decision) with the call's KL: the AUC says how well the
+gate's statistic ranks calls by error.
+
+    python benchmarks/fidelity.py --model qwen2.5-coder-0.5b --questions 24
+    python benchmarks/fidelity.py --model smollm2 --questions 24 --base neutral
 """
 
 from __future__ import annotations
@@ -27,9 +44,11 @@ import torch
 from hf_kv import HFModel, concat
 from report import format_table
 
-from radix_anchor.anchor_pool import KV, Anchor, AnchorStore
-from radix_anchor.estimate import EstimateOptions, estimate
-from radix_anchor.gate import activate, decide
+from radix_anchor.anchor_pool import KV
+from radix_anchor.estimate import EstimateOptions
+from radix_anchor.gate import decide
+from radix_anchor.prompt import PromptLayout
+from radix_anchor.reuse import KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import rotate
 from sglang_kvcomm.assets.datasets import gsm8k
 from sglang_kvcomm.assets.models import model_dir
@@ -41,233 +60,281 @@ ROLES = (
     "You are a teacher who explains the key idea of a problem in one or two sentences.",
     "You are a skeptical reviewer who looks for the weakest step in an argument.",
 )
-NEUTRAL = "<|im_start|>user\n"  # the short context a shared content's base KV is computed behind
-BEFORE_ANSWER = "\n\nAnother agent answered:\n"  # between a question and an agent's answer
-SUFFIX = "\n\nWhat is the answer? Reply briefly.<|im_end|>\n<|im_start|>assistant\n"
-
-VARIANTS = {
-    "naive reuse (no rotation)": None,  # base and template KV as computed, wrong positions
-    "rotation only": EstimateOptions(placeholder_offset=False, following_offset=False),
-    "rotation + placeholder offset": EstimateOptions(following_offset=False),
-    # diagnostic: the same offsets blended with equal weights (tau -> infinity)
-    "rotation + placeholder offset, uniform weights": EstimateOptions(
-        following_offset=False, tau=1e12
+HEADER = "<|im_start|>user\nSolve this problem:\n"
+BEFORE_ANSWER = "\n\nAgent {} answered:\n"
+SUFFIX = "\n\nGive your answer step by step.<|im_end|>\n<|im_start|>assistant\n"
+NEUTRAL = "<|im_start|>user\n"
+SERVER = "server"
+ESTIMATED = {  # variants the engine plans
+    SERVER: ReuseConfig(gamma=1.0),
+    "token offsets, estimated final": ReuseConfig(gamma=1.0, exact_final=0),
+    "paper (index weights, estimated final)": ReuseConfig(
+        gamma=1.0, exact_final=0, estimate=EstimateOptions(placeholder="index")
     ),
-    "rotation + following offset": EstimateOptions(placeholder_offset=False),
-    "full (ours)": EstimateOptions(),
-    "full (authors' code)": EstimateOptions(authors_code=True),
 }
-FULL = "full (ours)"
+PIECEWISE = ("rotation only", "naive reuse", "selective recompute 15%")
+FREE_RUNNING = (SERVER, "paper (index weights, estimated final)", "rotation only")
 
 
 @dataclass
-class Content:
-    kind: str  # "question" | "response": also the slot, so each has its own pools
-    ids: list[int]
-    base: KV  # position-0 frame
-    base_at: int  # position of its first token where the base KV was computed (naive reuse)
-    context: list[int] = field(default_factory=list)  # exact tokens between prefix and content
+class Call:
+    """One agent's prompt: tokens with the spans of shared contents, where each content's base
+    was computed (for naive reuse), and the dense reference."""
+
+    agent: int
+    layout: PromptLayout
+    base_at: list[int]
+    dense: KV | None = None
+    response: list[int] = field(default_factory=list)  # dense greedy continuation
+    logprobs: torch.Tensor | None = None  # dense, teacher-forced: [len(response), vocab]
 
 
 @dataclass
-class Agent:
-    name: str
-    prefix_ids: list[int]
-    template: KV  # the suffix computed right behind the prefix (no content), position-0 frame
-
-
-@dataclass
-class Reference:
-    """Dense prefill of one (agent, content) prompt."""
-
-    kv: KV
-    logprobs: torch.Tensor
-    greedy: list[int]
-
-
-@dataclass
-class Scores:
-    kv_error: list[float] = field(default_factory=list)  # per layer, mean of K and V
-    kl: float = 0.0
-    agreement: float = 0.0  # share of greedy tokens equal to the dense ones, position-wise
-    exact: bool = False  # all greedy tokens equal
+class Score:
+    kl: list[float]  # per teacher-forced position
+    top1: list[bool]
+    free_agree: float | None = None
+    free_exact: bool | None = None
 
 
 class Harness:
-    def __init__(self, model: HFModel, agents: int, decode: int) -> None:
+    def __init__(
+        self, model: HFModel, agents: int, response: int, free: int, base: str = "sibling"
+    ) -> None:
         self.m = model
-        self.decode = decode
-        self.suffix = model.encode(SUFFIX)
-        self.neutral = model.encode(NEUTRAL)
-        self.before_answer = model.encode(BEFORE_ANSWER)
-        self.agents = [self._agent(f"agent{i}", role) for i, role in enumerate(ROLES[:agents])]
-        self._refs: dict[tuple[int, int], Reference] = {}
-
-    def _agent(self, name: str, role: str) -> Agent:
-        prefix = self.m.encode(
-            f"<|im_start|>system\n{role}<|im_end|>\n<|im_start|>user\n"
-            "Read this and answer the question it asks.\n\n"
-        )
-        kv = self.m.prefill(prefix + self.suffix).kv.tokens(slice(len(prefix), None))
-        return Agent(name, prefix, KV(rotate(kv.k, -len(prefix), self.m.rope), kv.v))
-
-    def question(self, text: str) -> Content:
-        ids = self.m.encode(text)
-        kv = self.m.prefill(self.neutral + ids).kv.tokens(slice(len(self.neutral), None))
-        n = len(self.neutral)
-        return Content("question", ids, KV(rotate(kv.k, -n, self.m.rope), kv.v), n)
-
-    def response(self, agent: Agent, question: Content, max_tokens: int) -> Content:
-        """An answer the model generates; its base KV is the KV of its own decode context."""
-        prompt = agent.prefix_ids + question.ids + self.suffix
-        past = self.m.prefill(prompt[:-1]).kv
-        _, tokens = self.m.greedy(past, prompt[-1], max_tokens)
-        eos = self.m.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        ids = tokens[: tokens.index(eos)] if eos in tokens else tokens
-        kv = self.m.prefill(prompt + ids).kv.tokens(slice(len(prompt), None))
-        base = KV(rotate(kv.k, -len(prompt), self.m.rope), kv.v)
-        # other agents read it after the question: its position varies with the question's length
-        return Content("response", ids, base, len(prompt), question.ids + self.before_answer)
-
-    def reference(self, a: int, c: int, content: Content) -> Reference:
-        key = (a, c)
-        if key not in self._refs:
-            prompt = self.agents[a].prefix_ids + content.context + content.ids + self.suffix
-            dense = self.m.prefill(prompt)
-            past = dense.kv.tokens(slice(0, len(prompt) - 1))
-            logprobs, greedy = self.m.greedy(past, prompt[-1], self.decode)
-            self._refs[key] = Reference(dense.kv, logprobs, greedy)
-        return self._refs[key]
-
-    def anchor(self, agent: Agent, content: Content, ref: Reference) -> Anchor:
-        start = self.start(agent, content)
-        end = start + len(content.ids)
-        return Anchor.from_dense(
-            content.base,
-            ref.kv.tokens(slice(start, end)),
-            ref.kv.tokens(slice(end, None)),
-            tuple(self.suffix),
-            start,
-            self.m.rope,
-        )
-
-    def stitch(
-        self, variant: str, agent: Agent, content: Content, anchors: list[Anchor], ref: Reference
-    ) -> KV:
-        """The KV of the prompt minus its last token: exact prefix + estimated rest."""
-        start = self.start(agent, content)
-        options = VARIANTS[variant]
-        if options is None:  # reuse the stored KV where it was computed
-            content_kv = KV(rotate(content.base.k, content.base_at, self.m.rope), content.base.v)
-            following = KV(rotate(agent.template.k, start, self.m.rope), agent.template.v)
-        else:
-            est = estimate(
-                content.base,
-                start,
-                anchors,
-                self.suffix,
-                self.m.rope,
-                options,
-                following_base=agent.template,
-            )
-            content_kv, following = est.content, est.following
-        prefix = ref.kv.tokens(slice(0, start))
-        return concat(prefix, content_kv, following.tokens(slice(0, len(self.suffix) - 1)))
-
-    @staticmethod
-    def start(agent: Agent, content: Content) -> int:
-        """Position of the content's first token in the agent's prompt."""
-        return len(agent.prefix_ids) + len(content.context)
-
-    def score(self, stitched: KV, ref: Reference, start: int) -> Scores:
-        span = slice(start, stitched.num_tokens)
-        est, dense = stitched.tokens(span), ref.kv.tokens(span)
-        errors = [
-            0.5
-            * float(
-                (est.k[layer] - dense.k[layer]).norm() / dense.k[layer].norm()
-                + (est.v[layer] - dense.v[layer]).norm() / dense.v[layer].norm()
-            )
-            for layer in range(dense.k.shape[0])
+        self.agents = agents
+        self.response_len = response
+        self.free = free
+        self.base = base
+        self.engine = KVComm(model.rope)  # the server's: gate at its default gamma
+        self.planners = {name: self._sharing(cfg) for name, cfg in ESTIMATED.items()}
+        self.prefixes = [
+            model.encode(f"<|im_start|>system\n{role}<|im_end|>\n") + model.encode(HEADER)
+            for role in ROLES[:agents]
         ]
-        logprobs, greedy = self.m.greedy(stitched, self.suffix[-1], self.decode)
-        kl = float((ref.logprobs.exp() * (ref.logprobs - logprobs)).sum())
-        same = [a == b for a, b in zip(greedy, ref.greedy, strict=True)]
-        return Scores(errors, kl, sum(same) / len(same), all(same))
+        self.suffix = model.encode(SUFFIX)
+        self.eos = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _sharing(self, config: ReuseConfig) -> KVComm:
+        """A planner over the server engine's bases and pools with other options."""
+        planner = KVComm(self.m.rope, config)
+        planner.bases, planner.anchors = self.engine.bases, self.engine.anchors
+        return planner
+
+    # -- the program ------------------------------------------------------------------------
+
+    def question(self, text: str) -> tuple[list[Call], list[dict]]:
+        """Run the program on one question; returns its calls and one record per call."""
+        q = self.m.encode(text)
+        if self.base == "neutral":
+            kv = self.m.prefill(self.m.encode(NEUTRAL) + q).kv
+            n = kv.num_tokens - len(q)
+            base = KV(rotate(kv.k[:, n:], -n, self.m.rope), kv.v[:, n:].clone())
+            self.engine.bases.put(tuple(q), base, origin=("neutral",))
+        answers: list[tuple[list[int], int]] = []  # (ids, position where its base was made)
+        calls, records = [], []
+        for a in range(self.agents):
+            call = self._call(a, q, answers)
+            self._dense(call)
+            records.append(self._serve(call))
+            calls.append(call)
+            answer = call.response[: self.response_len]
+            answer = answer[: answer.index(self.eos)] if self.eos in answer else answer
+            prompt = list(call.layout.tokens)
+            kv = self.m.prefill(prompt + answer).kv.tokens(slice(len(prompt), None))
+            self.engine.observe_output(tuple(answer), kv, len(prompt), call.layout)
+            answers.append((answer, len(prompt)))
+        return calls, records
+
+    def _call(self, a: int, q: list[int], answers: list[tuple[list[int], int]]) -> Call:
+        tokens = list(self.prefixes[a])
+        spans, base_at = [], []
+        q_at = len(self.prefixes[0]) if self.base == "sibling" else len(self.m.encode(NEUTRAL))
+        for j, (ids, at) in enumerate([(q, q_at), *answers]):
+            if j:
+                tokens += self.m.encode(BEFORE_ANSWER.format(j))
+            spans.append((len(tokens), len(tokens) + len(ids)))
+            base_at.append(at)
+            tokens += ids
+        tokens += self.suffix
+        return Call(a, PromptLayout.of(tokens, spans), base_at)
+
+    def _dense(self, call: Call) -> None:
+        prompt = list(call.layout.tokens)
+        past = self.m.prefill(prompt[:-1]).kv
+        _, call.response = self.m.greedy(past, prompt[-1], self.response_len)
+        out = self.m.prefill(prompt + call.response)
+        call.dense = out.kv.tokens(slice(0, len(prompt)))
+        call.logprobs = torch.log_softmax(out.logits[len(prompt) - 1 : -1], dim=-1)
+
+    def _serve(self, call: Call) -> dict:
+        """The server's decision on the call, every variant's score where the pools are warm,
+        and the server's learning (a dense call teaches)."""
+        layout, exact = call.layout, call.layout.spans[0][0]
+        end = len(layout.tokens) - 1
+        decision = self.engine.plan(layout, exact, end)
+        record = {
+            "agent": call.agent,
+            "decision": "reuse" if isinstance(decision, Reuse) else decision.reason,
+            "scores": {},
+        }
+        plans = {name: p.plan(layout, exact, end) for name, p in self.planners.items()}
+        if isinstance(plans[SERVER], Reuse):  # the pools are warm: score what can be planned
+            record["gate"] = self._gate(layout)
+            for name, plan in plans.items():
+                if isinstance(plan, Reuse):
+                    head = call.dense.tokens(slice(0, plan.start))
+                    stitched = concat(head, plan.materialize(self.m.rope))
+                    record["scores"][name] = self._score(call, stitched, name)
+            for name in PIECEWISE:
+                record["scores"][name] = self._score(call, self._piecewise(call, name), name)
+        if isinstance(decision, Reuse):
+            self.engine.commit(decision)
+        else:
+            self.engine.observe_prefill(layout, lambda s, e: call.dense.tokens(slice(s, e)))
+        return record
+
+    def _gate(self, layout: PromptLayout) -> dict:
+        """The gate's statistic per span (entropy over its limit; the largest decides)."""
+        ratios = []
+        for j in range(len(layout.spans)):
+            base = self.engine.bases.get(layout.content(j))
+            pool = list(self.engine.anchors.get(self.engine.pool_key(layout, j)) or ())
+            d = decide(base.v, pool, self.engine.config.gamma)
+            ratios.append(d.entropy_bits / max(d.limit_bits, 1e-9) if d.anchors else float("inf"))
+        return {"entropy_over_limit": max(ratios)}
+
+    # -- variants ---------------------------------------------------------------------------
+
+    def _piecewise(self, call: Call, name: str) -> KV:
+        """Contents from their bases (rotated, or not), fixed segments prefilled behind them;
+        selective recompute puts back the dense KV of the most deviating content tokens."""
+        layout, rope = call.layout, self.m.rope
+        kv = call.dense.tokens(slice(0, layout.spans[0][0]))
+        for j, (start, end) in enumerate(layout.spans):
+            base = self.engine.bases.get(layout.content(j))
+            at = call.base_at[j] if name == "naive reuse" else start
+            content = KV(rotate(base.k, at, rope), base.v)
+            if name == "selective recompute 15%":
+                content = _recompute(content, call.dense.tokens(slice(start, end)), 0.15)
+            kv = concat(kv, content)
+            following = list(layout.tokens[end : layout.following_end(j)])
+            if j + 1 == len(layout.spans):
+                following = following[:-1]  # the last prompt token is fed by _score
+            if following:
+                kv = concat(kv, self.m.prefill(following, kv.num_tokens, kv).kv)
+        return kv
+
+    def _score(self, call: Call, stitched: KV, name: str) -> Score:
+        """Teacher-forced along the dense response, and free-running for some variants."""
+        prompt = list(call.layout.tokens)
+        rest = prompt[stitched.num_tokens :]
+        out = self.m.prefill(rest + call.response, stitched.num_tokens, stitched)
+        logprobs = torch.log_softmax(out.logits[len(rest) - 1 : -1], dim=-1)
+        dense = call.logprobs
+        kl = (dense.exp() * (dense - logprobs)).sum(-1)
+        top1 = logprobs.argmax(-1) == dense.argmax(-1)
+        score = Score([float(x) for x in kl], [bool(x) for x in top1])
+        if name in FREE_RUNNING and self.free:
+            past = stitched
+            if len(rest) > 1:
+                past = concat(past, self.m.prefill(rest[:-1], past.num_tokens, past).kv)
+            _, free = self.m.greedy(past, prompt[-1], self.free)
+            same = [x == y for x, y in zip(free, call.response[: self.free], strict=True)]
+            score.free_agree, score.free_exact = sum(same) / len(same), all(same)
+        return score
 
 
-def build_stream(h: Harness, contents: int, response_tokens: int) -> list[Content]:
-    """GSM8K questions, each followed by one agent's generated answer to it."""
-    stream = []
-    for i, problem in enumerate(gsm8k(limit=(contents + 1) // 2)):
-        q = h.question(problem.question)
-        stream.append(q)
-        if len(stream) < contents:
-            stream.append(h.response(h.agents[i % len(h.agents)], q, response_tokens))
-    return stream[:contents]
+def _recompute(content: KV, dense: KV, share: float) -> KV:
+    """``content`` with the dense KV of the ``share`` of its tokens that deviate most at
+    layer 1 (the first layer that depends on context)."""
+    deviation = (content.k[1] - dense.k[1]).norm(dim=(1, 2)) + (content.v[1] - dense.v[1]).norm(
+        dim=(1, 2)
+    )
+    chosen = deviation.topk(max(1, round(share * content.num_tokens))).indices
+    k, v = content.k.clone(), content.v.clone()
+    k[:, chosen], v[:, chosen] = dense.k[:, chosen], dense.v[:, chosen]
+    return KV(k, v)
 
 
-def run_variants(h: Harness, stream: list[Content], gamma: float) -> dict[str, list[Scores]]:
-    """Pools learn with the gate at ``gamma``; every variant is scored on every warmed-up pair."""
-    store = AnchorStore(capacity=20, window=5)
-    scores: dict[str, list[Scores]] = {v: [] for v in VARIANTS}
-    for c, content in enumerate(stream):
-        for a, agent in enumerate(h.agents):
-            ref = h.reference(a, c, content)
-            pool = store.pool((agent.name, content.kind))
-            decision = decide(content.base.v, list(pool), gamma)
-            if len(pool.compatible(len(content.ids))) >= 2:
-                for variant in VARIANTS:
-                    stitched = h.stitch(variant, agent, content, list(pool), ref)
-                    scores[variant].append(h.score(stitched, ref, h.start(agent, content)))
-            if decision.shareable:
-                activate(decision)
-            else:
-                pool.add(h.anchor(agent, content, ref))
-    return scores
+# -- summaries ------------------------------------------------------------------------------
 
 
-def run_gamma(h: Harness, stream: list[Content], gamma: float) -> dict:
-    """Reuse rate (share of all calls the gate lets skip prefill) and the fidelity of those."""
-    store = AnchorStore(capacity=20, window=5)
-    reused: list[Scores] = []
-    calls = 0
-    for c, content in enumerate(stream):
-        for a, agent in enumerate(h.agents):
-            calls += 1
-            ref = h.reference(a, c, content)
-            pool = store.pool((agent.name, content.kind))
-            decision = decide(content.base.v, list(pool), gamma)
-            if decision.shareable:
-                activate(decision)
-                stitched = h.stitch(FULL, agent, content, list(pool), ref)
-                reused.append(h.score(stitched, ref, h.start(agent, content)))
-            else:
-                pool.add(h.anchor(agent, content, ref))
+def summarize(records: list[dict]) -> dict:
+    """Reuse counts, and each variant's scores over the calls it could plan; ``paired``: over
+    the calls every variant could plan (the paper's estimate needs two anchors as long as
+    each content)."""
+    calls = len(records)
+    reused = sum(r["decision"] == "reuse" for r in records)
+    scored = [r for r in records if r["scores"]]
+    paired = [r for r in scored if len(r["scores"]) == len(ESTIMATED) + len(PIECEWISE)]
+    reasons: dict[str, int] = {}
+    for r in records:
+        reasons[r["decision"]] = reasons.get(r["decision"], 0) + 1
     return {
-        "gamma": gamma,
         "calls": calls,
-        "reused": len(reused),
-        "reuse_rate": len(reused) / calls,
-        **summarize(reused),
+        "reused": reused,
+        "reuse_rate": reused / calls if calls else 0.0,
+        "decisions": reasons,
+        "variants": _variants(scored),
+        "paired": _variants(paired),
+        "gate_auc": gate_auc(scored),
     }
 
 
-def summarize(scores: list[Scores]) -> dict:
-    if not scores:
-        return {"pairs": 0}
-    n = len(scores)
-    per_layer = torch.tensor([s.kv_error for s in scores]).mean(0)
-    return {
-        "pairs": n,
-        "kv_error_mean": float(per_layer.mean()),
-        "kv_error_last_layer": float(per_layer[-1]),
-        "kv_error_per_layer": [round(float(x), 5) for x in per_layer],
-        "kl_mean": sum(s.kl for s in scores) / n,
-        "kl_median": float(torch.tensor([s.kl for s in scores]).median()),
-        "agreement": sum(s.agreement for s in scores) / n,
-        "exact_match": sum(s.exact for s in scores) / n,
-    }
+def _variants(scored: list[dict]) -> dict:
+    variants = {}
+    for name in (*ESTIMATED, *PIECEWISE):
+        scores = [r["scores"][name] for r in scored if name in r["scores"]]
+        if not scores:
+            continue
+        kl = torch.tensor([x for s in scores for x in s.kl])
+        free = [s for s in scores if s.free_agree is not None]
+        variants[name] = {
+            "calls": len(scores),
+            "kl_mean": float(kl.mean()),
+            "kl_p95": float(kl.quantile(0.95)),
+            "first_token_kl": sum(s.kl[0] for s in scores) / len(scores),
+            "top1": sum(sum(s.top1) for s in scores) / sum(len(s.top1) for s in scores),
+            "free_agree": sum(s.free_agree for s in free) / len(free) if free else None,
+            "free_exact": sum(s.free_exact for s in free) / len(free) if free else None,
+        }
+    return variants
+
+
+def gate_auc(scored: list[dict]) -> dict | None:
+    """How well the gate's entropy ranks scored calls by the server variant's mean KL: the AUC
+    of entropy / limit for telling calls above the median KL from those below (0.5: no
+    signal; 1: higher entropy always means more error)."""
+    pairs = [
+        (r["gate"]["entropy_over_limit"], sum(r["scores"][SERVER].kl) / len(r["scores"][SERVER].kl))
+        for r in scored
+    ]
+    if len(pairs) < 4:
+        return None
+    median = sorted(kl for _, kl in pairs)[len(pairs) // 2]
+    high = [g for g, kl in pairs if kl >= median]
+    low = [g for g, kl in pairs if kl < median]
+    wins = sum((h > lo) + 0.5 * (h == lo) for h in high for lo in low)
+    return {"auc": wins / (len(high) * len(low)), "calls": len(pairs), "median_kl": median}
+
+
+def table(variants: dict) -> str:
+    rows = [
+        [
+            name,
+            v["calls"],
+            v["kl_mean"],
+            v["kl_p95"],
+            v["first_token_kl"],
+            v["top1"],
+            "-" if v["free_agree"] is None else v["free_agree"],
+            "-" if v["free_exact"] is None else v["free_exact"],
+        ]
+        for name, v in variants.items()
+    ]
+    headers = ["variant", "calls", "KL mean", "KL p95", "KL 1st", "top-1", "free agree", "exact"]
+    return format_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,115 +344,52 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument(
-        "--model",
-        default="smollm2",
-        choices=["smollm2", "qwen2.5-coder-0.5b"],
-        help="packaged model (converted to fp32)",
+        "--model", default="smollm2", help="packaged model: smollm2 or qwen2.5-coder-0.5b"
     )
-    parser.add_argument("--agents", type=int, default=3, help="agent templates (<= 5)")
+    parser.add_argument("--agents", type=int, default=3, help="agents per question (<= 5)")
+    parser.add_argument("--questions", type=int, default=24, help="GSM8K questions")
     parser.add_argument(
-        "--contents",
-        type=int,
-        default=16,
-        help="shared contents in the stream (questions and generated answers)",
+        "--response", type=int, default=64, help="dense response tokens (teacher forcing)"
     )
-    parser.add_argument(
-        "--response-tokens", type=int, default=48, help="length cap of generated answers"
-    )
-    parser.add_argument("--decode", type=int, default=32, help="greedy tokens compared")
-    parser.add_argument("--gamma", type=float, default=0.3, help="gate threshold while learning")
-    parser.add_argument(
-        "--gammas",
-        type=float,
-        nargs="*",
-        default=[0.1, 0.3, 0.5, 0.9],
-        help="thresholds of the reuse-rate sweep",
-    )
+    parser.add_argument("--free", type=int, default=32, help="free-running tokens compared")
+    parser.add_argument("--base", choices=["sibling", "neutral"], default="sibling")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    h = Harness(HFModel(model_dir(args.model), threads=args.threads), args.agents, args.decode)
-    print(f"[fidelity] {args.model}: building a stream of {args.contents} contents", flush=True)
-    stream = build_stream(h, args.contents, args.response_tokens)
-    print(
-        f"[fidelity] contents: {sum(c.kind == 'question' for c in stream)} questions, "
-        f"{sum(c.kind == 'response' for c in stream)} responses, "
-        f"{sum(len(c.ids) for c in stream) / len(stream):.0f} tokens on average",
-        flush=True,
-    )
-    variants = {v: summarize(s) for v, s in run_variants(h, stream, args.gamma).items()}
-    print(f"[fidelity] variants scored ({time.perf_counter() - t0:.0f}s)", flush=True)
-    sweep = []
-    for gamma in args.gammas:
-        sweep.append(run_gamma(h, stream, gamma))
-        print(f"[fidelity] gamma {gamma} done ({time.perf_counter() - t0:.0f}s)", flush=True)
-
-    print()
-    print(
-        f"Variants ({args.model}, {args.agents} agents, {args.contents} contents, "
-        f"{variants[FULL]['pairs']} warmed-up pairs, greedy over {args.decode} tokens):"
-    )
-    print(
-        format_table(
-            [
-                "variant",
-                "KV rel err (mean)",
-                "KV rel err (last layer)",
-                "KL mean",
-                "KL median",
-                "greedy agree",
-                "exact match",
-            ],
-            [
-                [
-                    v,
-                    s["kv_error_mean"],
-                    s["kv_error_last_layer"],
-                    s["kl_mean"],
-                    s["kl_median"],
-                    s["agreement"],
-                    s["exact_match"],
-                ]
-                for v, s in variants.items()
-                if s["pairs"]
-            ],
+    model = HFModel(model_dir(args.model), threads=args.threads)
+    h = Harness(model, args.agents, args.response, args.free, args.base)
+    records = []
+    for i, problem in enumerate(gsm8k(limit=args.questions)):
+        records += h.question(problem.question)[1]
+        print(
+            f"[fidelity] question {i + 1}/{args.questions} ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
         )
-    )
-    print()
-    print("Gate sweep (reuse rate over all calls; fidelity of the reused calls, full (ours)):")
+    summary = summarize(records)
+    summary |= {"model": args.model, "base": args.base, "args": vars(args) | {"out": str(args.out)}}
     print(
-        format_table(
-            ["gamma", "calls", "reused", "reuse rate", "KL mean", "greedy agree", "exact match"],
-            [
-                [
-                    s["gamma"],
-                    s["calls"],
-                    s["reused"],
-                    s["reuse_rate"],
-                    s.get("kl_mean", "-"),
-                    s.get("agreement", "-"),
-                    s.get("exact_match", "-"),
-                ]
-                for s in sweep
-            ],
-        )
+        f"\n{args.model}, {args.base} bases: reuse {summary['reused']}/{summary['calls']} "
+        f"({summary['reuse_rate']:.2f}); decisions {summary['decisions']}; "
+        f"gate AUC {summary['gate_auc']}"
     )
+    print("every call each variant could plan:")
+    print(table(summary["variants"]))
+    print("paired (calls every variant could plan):")
+    print(table(summary["paired"]))
     if args.out:
+        summary["records"] = [
+            {
+                "agent": r["agent"],
+                "decision": r["decision"],
+                **r.get("gate", {}),
+                **{f"kl_mean {n}": sum(s.kl) / len(s.kl) for n, s in r["scores"].items()},
+            }
+            for r in records
+        ]
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "variants": variants,
-                    "gamma_sweep": sweep,
-                    "seconds": time.perf_counter() - t0,
-                },
-                indent=1,
-            )
-        )
-    print(f"\n[fidelity] done in {time.perf_counter() - t0:.0f}s")
+        args.out.write_text(json.dumps(summary, indent=1))
     return 0
 
 

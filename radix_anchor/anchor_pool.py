@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,9 +51,10 @@ class KV:
 class Anchor:
     """One content sample observed behind a pool's prefix (all keys in the position-0 frame).
 
-    ``base``: the content's base KV. ``ph_offset``: measured KV of the content in this context
-    minus ``base`` (same length). ``following``: measured KV of the fixed segment after the
-    content, with ``following_ids`` its token ids (only anchors whose following segment matches a
+    ``base``: the content's base KV, with ``content_ids`` its token ids (token-matched offsets
+    look offsets up by id). ``ph_offset``: measured KV of the content in this context minus
+    ``base`` (same length). ``following``: measured KV of the fixed segment after the content,
+    with ``following_ids`` its token ids (only anchors whose following segment matches a
     request's contribute to its estimate).
     """
 
@@ -64,10 +65,14 @@ class Anchor:
     position: int  # where the content started in the observed prompt (for authors' mode)
     activations: int = 0
     context: Hashable = None  # the observed prompt up to the end of ``following``, if known
+    content_ids: tuple[int, ...] = ()  # empty: unknown (token-matched offsets skip the anchor)
+    _ids: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.ph_offset.k.shape != self.base.k.shape:
             raise ValueError("placeholder offset and base KV must have the same shape")
+        if self.content_ids and len(self.content_ids) != self.base.num_tokens:
+            raise ValueError("content token ids and base KV differ in length")
         if self.following.num_tokens != len(self.following_ids):
             raise ValueError("following segment KV and token ids differ in length")
 
@@ -81,6 +86,7 @@ class Anchor:
         position: int,
         rope: RopeSpec,
         context: Hashable = None,
+        content_ids: tuple[int, ...] = (),
     ) -> Anchor:
         """An anchor from a dense prefill: ``content`` measured at ``position ..``, ``following``
         right after it; both are de-rotated to the position-0 frame. ``context`` identifies the
@@ -100,6 +106,7 @@ class Anchor:
             following_ids=tuple(following_ids),
             position=position,
             context=context,
+            content_ids=tuple(content_ids),
         )
 
     @property
@@ -109,6 +116,14 @@ class Anchor:
     @property
     def nbytes(self) -> int:
         return self.base.nbytes + self.ph_offset.nbytes + self.following.nbytes
+
+    def content_id_tensor(self, device: torch.device) -> torch.Tensor:
+        """``content_ids`` as int64 on ``device``, copied there once."""
+        cached = self._ids.get(device)
+        if cached is None:
+            cached = torch.tensor(self.content_ids, dtype=torch.int64, device=device)
+            self._ids[device] = cached
+        return cached
 
 
 def covering(anchors: Iterable[Anchor], length: int) -> list[Anchor]:

@@ -2,9 +2,14 @@
 
 For content with base KV (position-0 frame) placed at positions ``start .. start + T - 1``:
 
-- content: ``K = R(start) [K_base + sum_n w_n dK_n]``, ``V = V_base + sum_n w_n dV_n`` with the
-  per-token placeholder weights (``matching.placeholder_weights``); rotation is linear, so the
-  offsets are blended in the position-0 frame and rotated once;
+- content: ``K = R(start) [K_base + dK]``, ``V = V_base + dV``. The placeholder offset ``dK, dV``
+  of each token is by default token-matched (``token_matched_offset``): the mean offset of the
+  same token id over the pool's anchors, else of the same index, else of every pooled token;
+  the paper's estimate, ``sum_n w_n dK_n`` with per-token weights over the anchors at least as
+  long as the content (``matching.placeholder_weights``), is ``placeholder="index"``. An offline
+  study found those weights flat (the estimate is then the same-index mean) and the same-token
+  mean closer to the measured offset on both packaged models (docs/fidelity.md). Rotation is
+  linear, so offsets are combined in the position-0 frame and rotated once;
 - following segment (length S, at ``start + T ..``): ``sum_n w_n KV_n`` with the per-channel
   weights (``matching.following_weights``), rotated to its target. Since the weights sum to 1
   this equals ``base + sum_n w_n (KV_n - base)`` for any base: no template prefill is needed;
@@ -33,14 +38,24 @@ from radix_anchor.matching import (
 )
 from radix_anchor.rope import RopeSpec, rotate
 
+PLACEHOLDER_ESTIMATES = ("token", "index")
+
 
 @dataclass(frozen=True)
 class EstimateOptions:
     placeholder_offset: bool = True
+    placeholder: str = "token"  # one of PLACEHOLDER_ESTIMATES
     following_offset: bool = True
     tau: float = 1.0
     top_k: int | None = None  # None: every compatible anchor
     authors_code: bool = False  # reproduce the reference code (no de-/re-rotation of offsets)
+
+    def __post_init__(self) -> None:
+        if self.placeholder not in PLACEHOLDER_ESTIMATES:
+            raise ValueError(
+                f"placeholder estimate {self.placeholder!r}: expected one of "
+                f"{PLACEHOLDER_ESTIMATES}"
+            )
 
 
 @dataclass
@@ -85,10 +100,13 @@ def estimate(
     rope: RopeSpec,
     options: EstimateOptions = EstimateOptions(),  # noqa: B008 (frozen, immutable default)
     following_base: KV | None = None,
+    content_ids: Sequence[int] = (),
 ) -> Estimate:
     """Estimate the KV of ``base``'s content at ``start`` and of the fixed segment after it.
 
-    ``anchors``: the pool's anchors (those shorter than the content are ignored).
+    ``anchors``: the pool's anchors (the paper's weights and the following segment's ignore
+    those shorter than the content). ``content_ids``: the content's token ids (token-matched
+    offsets; without them every token takes the same-index mean).
     ``following_base``: the following segment's KV in the position-0 frame from some other
     context (e.g. the template); needed when following offsets are off or in authors' mode.
     Raises ValueError when no anchor matches and no ``following_base`` is given.
@@ -99,7 +117,8 @@ def estimate(
         return _estimate_authors_code(
             base, start, usable, with_following, rope, options, following_base
         )
-    return apply(weigh(base, anchors, following_ids, options, following_base), start, rope)
+    recipe = weigh(base, anchors, following_ids, options, following_base, content_ids=content_ids)
+    return apply(recipe, start, rope)
 
 
 def weigh(
@@ -109,6 +128,7 @@ def weigh(
     options: EstimateOptions = EstimateOptions(),  # noqa: B008 (frozen, immutable default)
     following_base: KV | None = None,
     distances: Distances | None = None,
+    content_ids: Sequence[int] = (),
 ) -> Recipe:
     """Choose the anchors and their weights for ``base``'s content (see ``estimate``).
 
@@ -117,14 +137,21 @@ def weigh(
     usable = covering(anchors, length)
     following_ids = tuple(following_ids)
     with_following = [i for i, a in enumerate(usable) if a.following_ids == following_ids]
-    if usable and (options.placeholder_offset or with_following) and distances is None:
+    by_index = options.placeholder == "index"
+    needs_distances = (options.placeholder_offset and by_index) or with_following
+    if usable and needs_distances and distances is None:
         distances = anchor_distances(base, [a.base for a in usable])
     tau, top_k = options.tau, options.top_k
     offsets, wk, wv = [], None, None
-    if options.placeholder_offset and usable:
+    if options.placeholder_offset and by_index and usable:
         offsets = [a.ph_offset for a in usable]
         wk = softmax_weights(distances.placeholder_k, tau, top_k)
         wv = softmax_weights(distances.placeholder_v, tau, top_k)
+    elif options.placeholder_offset and not by_index and anchors:
+        offset = token_matched_offset(content_ids, anchors, length)
+        offsets = [KV(offset.k.to(base.k.dtype), offset.v.to(base.v.dtype))]
+        wk = torch.ones((1, length), dtype=torch.float32, device=base.k.device)
+        wv = wk
 
     if options.following_offset and with_following:
         follows = [usable[i].following for i in with_following]
@@ -136,6 +163,16 @@ def weigh(
             fk, fv = (torch.cat([torch.zeros_like(w[:1]), w]) for w in (fk, fv))
         fk[:, 0], fv[:, 0] = 0.0, 0.0
         fk[0, 0], fv[0, 0] = 1.0, 1.0
+    elif (
+        options.following_offset
+        and not by_index
+        and any(a.following_ids == following_ids for a in anchors)
+    ):  # token-matched: no anchor that covers the content has it; the same segment's mean
+        follows = [a.following for a in anchors if a.following_ids == following_ids]
+        shape = (len(follows), follows[0].k.shape[0], *follows[0].k.shape[2:])
+        fk = torch.full(shape, 1.0 / len(follows), device=base.k.device)
+        fk[:, 0], fk[0, 0] = 0.0, 1.0  # layer 0 is exact in every anchor: take the first's
+        fv = fk.clone()
     elif following_base is not None:
         follows = [following_base]
         fk = torch.ones((1, *following_base.k.shape[:1], *following_base.k.shape[2:]))
@@ -143,6 +180,59 @@ def weigh(
     else:
         raise ValueError("no anchor has this following segment and no following_base was given")
     return Recipe(base, offsets, wk, wv, follows, fk, fv)
+
+
+def token_matched_offset(content_ids: Sequence[int], anchors: Sequence[Anchor], length: int) -> KV:
+    """The placeholder offset of each of a content's ``length`` tokens, float32, position-0
+    frame: the mean offset of the same token id over ``anchors`` (every occurrence counts);
+    for an id no anchor holds, the mean over the anchors at the same index; past every anchor,
+    the mean over all their tokens. Runs on the anchors' device without a host sync."""
+    if not anchors:
+        raise ValueError("no anchors to take offsets from")
+    if content_ids and len(content_ids) != length:
+        raise ValueError(f"{len(content_ids)} content ids for {length} tokens")
+    first = anchors[0].ph_offset.k
+    layers, heads, dim = first.shape[0], first.shape[2], first.shape[3]
+    device, f32 = first.device, torch.float32
+    ids = torch.tensor(content_ids or [-1] * length, dtype=torch.int64, device=device)
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    by_token = [torch.zeros(layers, len(uniq), heads, dim, dtype=f32, device=device) for _ in "kv"]
+    token_n = torch.zeros(len(uniq), dtype=f32, device=device)
+    by_index = [torch.zeros(layers, length, heads, dim, dtype=f32, device=device) for _ in "kv"]
+    index_n = torch.zeros(length, dtype=f32, device=device)
+    for anchor in anchors:
+        offset = tuple(t.to(f32) for t in _offset(anchor))
+        n = min(anchor.length, length)
+        for acc, part in zip(by_index, offset, strict=True):
+            acc[:, :n] += part[:, :n]
+        index_n[:n] += 1
+        if not content_ids or not anchor.content_ids:
+            continue
+        theirs = anchor.content_id_tensor(device)
+        slot = torch.searchsorted(uniq, theirs).clamp_max(len(uniq) - 1)
+        hit = (uniq[slot] == theirs).to(f32)  # ids the content does not hold add nothing
+        for acc, part in zip(by_token, offset, strict=True):
+            acc.index_add_(1, slot, part * hit[None, :, None, None])
+        token_n.index_add_(0, slot, hit)
+    count = token_n[inverse]
+    matched = (count > 0)[None, :, None, None]
+    indexed = (index_n > 0)[None, :, None, None]
+    past_every_anchor = length > max(a.length for a in anchors)
+    out = []
+    for part, token_acc, index_acc in zip((0, 1), by_token, by_index, strict=True):
+        same_token = token_acc[:, inverse] / count.clamp_min(1)[None, :, None, None]
+        same_index = index_acc / index_n.clamp_min(1)[None, :, None, None]
+        estimate = torch.where(matched, same_token, same_index)
+        if past_every_anchor:
+            pooled = sum(_offset(a)[part].to(f32).sum(1, keepdim=True) for a in anchors)
+            mean = pooled / sum(a.length for a in anchors)
+            estimate = torch.where(matched | indexed, estimate, mean)
+        out.append(estimate)
+    return KV(*out)
+
+
+def _offset(anchor: Anchor) -> tuple[torch.Tensor, torch.Tensor]:
+    return anchor.ph_offset.k, anchor.ph_offset.v
 
 
 def apply(recipe: Recipe, start: int, rope: RopeSpec) -> Estimate:

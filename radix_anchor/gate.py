@@ -2,9 +2,12 @@
 
 Over the N anchors that cover the content (at least as long), s = softmax_n(-||V - V_n[:T]||_F /
 tau) and H = -sum s log2 s. The content is shareable when N >= ``min_anchors`` (2: with fewer the
-distribution says nothing) and H <= gamma * log2 N. A peaked distribution (one anchor clearly
-closest) has low entropy; a flat one means no anchor stands out. When shareable, the anchors in
-the top-p (0.9) mass of s gain one activation each, which protects them from eviction.
+distribution says nothing) and H <= gamma * log2 N. Token-matched offsets take every anchor of
+the pool, whatever its length (``cover=False``): the pool then needs ``min_anchors`` anchors,
+and the entropy test applies where at least two of them cover the content. A peaked
+distribution (one anchor clearly closest) has low entropy; a flat one means no anchor stands
+out. When shareable, the anchors in the top-p (0.9) mass of s gain one activation each, which
+protects them from eviction.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def decide(
     top_p: float = 0.9,
     min_anchors: int = 2,
     distances: torch.Tensor | None = None,
+    cover: bool = True,
 ) -> GateDecision:
     """``values``: the content's base V ``[L, T, H, D]``; ``anchors``: the pool's anchors;
     ``distances``: ``||V - V_n[:T]||`` over the anchors that cover the content, if already
@@ -46,9 +50,15 @@ def decide(
     Pure: activation counts are bumped by ``activate``."""
     length = values.shape[1]
     compatible = covering(anchors, length)
-    if len(compatible) < min_anchors:
-        reason = f"warm-up: {len(compatible)} anchor(s) cover {length} tokens, need {min_anchors}"
-        return GateDecision(False, reason, anchors=compatible)
+    if len(compatible if cover else anchors) < min_anchors:
+        held = (
+            f"{len(compatible)} anchor(s) cover {length} tokens"
+            if cover
+            else (f"{len(anchors)} anchor(s) pooled")
+        )
+        return GateDecision(False, f"warm-up: {held}, need {min_anchors}", anchors=compatible)
+    if len(compatible) < 2:  # nothing to compare: the pool's token-matched offsets serve
+        return GateDecision(True, "", anchors=compatible)
     if distances is None:
         v = values.float()
         distances = torch.stack(

@@ -43,5 +43,12 @@ class PromptLayout:
 
     def slot_key(self, j: int) -> tuple[tuple[int, ...], ...]:
         """The fixed segments before span j: the template up to this placeholder."""
-        bounds = [0, *(b for span in self.spans[:j] for b in span), self.spans[j][0]]
+        return self._fixed_segments(self.spans[:j], self.spans[j][0])
+
+    def template(self) -> tuple[tuple[int, ...], ...]:
+        """Every fixed segment: the prompt with its shared contents left out."""
+        return self._fixed_segments(self.spans, len(self.tokens))
+
+    def _fixed_segments(self, spans: Sequence[Span], end: int) -> tuple[tuple[int, ...], ...]:
+        bounds = [0, *(b for span in spans for b in span), end]
         return tuple(self.tokens[a:b] for a, b in zip(bounds[0::2], bounds[1::2], strict=True))

@@ -5,14 +5,17 @@ The engine calls three things, all in token positions of one prompt (a ``PromptL
 - ``plan(layout, exact_len, end)`` after its exact prefix match of ``exact_len`` tokens: either a
   ``Reuse`` (the estimated KV of tokens ``[start, end)``, to be written behind the exact prefix
   ``[0, start)``) or a ``Fallback`` naming why the request must be prefilled densely. Reuse needs
-  every shared span from ``start`` on to have a base KV and to pass the entropy gate of its pool;
-  it is all or nothing, as in the paper.
-- ``observe_prefill(layout, read)`` after a dense prefill: each span's measured KV and that of the
-  fixed segment after it become an anchor of the span's pool, unless the pool already holds one
-  measured in the same tokens; a content seen for the first time gets its measured KV
-  (de-rotated) as base KV.
-- ``observe_output(tokens, kv, position)`` when a request finishes: the KV its decode produced
-  becomes the base KV of its response, which later prompts quote.
+  every shared span from ``start`` on to have a base KV and to pass the gate of its pool; it is
+  all or nothing, as in the paper. The prompt's final fixed segment (the lead-in to the answer,
+  up to ``exact_final`` tokens of it) is never estimated: the engine prefills it exactly, which
+  costs a GPU about what the last few tokens cost and halves the next token's KL.
+- ``observe_prefill(layout, read)`` after a dense prefill: a content seen for the first time gets
+  its measured KV (de-rotated) as base KV, with the span's template as its origin; a content that
+  has a base gives the pool of (span's template, base's origin) an anchor, unless the pool holds
+  one measured in the same tokens. The prefill that provides a base teaches no anchor: its
+  offset against itself is zero, and a pool never mixes offsets against bases of two origins.
+- ``observe_output(tokens, kv, position, prompt)`` when a request finishes: the KV its decode
+  produced becomes the base KV of its response, which later prompts quote.
 
 Everything held (bases, anchors) is copied out of the engine's KV pool, in its dtype and on its
 device, and bounded by ``max_bytes``: bases that no anchor refers to and anchor pools share one
@@ -23,7 +26,7 @@ stopped using go before the base of the answer just produced.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +48,7 @@ class ReuseConfig:
     max_anchors: int = 20
     window: int = 5
     max_bytes: int = 1 << 30
+    exact_final: int = 64  # tokens of the final fixed segment prefilled exactly (0: estimated)
     estimate: EstimateOptions = field(default_factory=EstimateOptions)
 
 
@@ -149,40 +153,50 @@ class KVComm:
                 )
             first -= 1  # the exact prefix ends in the segment after a span: estimate that span
         start = spans[first][0]
+        end = min(end, max(spans[-1][1], len(layout.tokens) - self.config.exact_final))
         if end <= start:
             return Fallback("nothing to estimate", f"end {end} <= start {start}")
 
         # distances of every span first (device work queued back to back), decisions after:
         # the gate's host-side read then waits once, not once per span
         candidates: list[tuple[int, KV, list[Anchor], Distances | None]] = []
+        by_index = self.config.estimate.placeholder == "index"
         for j in range(first, len(spans)):
             if spans[j][0] >= end:
                 break
-            base = self.bases.get(layout.content(j))
+            content = layout.content(j)
+            base = self.bases.get(content)
             if base is None:
                 return Fallback("no base KV", f"span {j} {spans[j]}")
-            usable = covering(self.anchors.get(layout.slot_key(j)) or (), base.num_tokens)
-            following = layout.following(j)
-            if following and len(usable) >= 2:
-                if not any(a.following_ids == following for a in usable):
+            pool = list(self.anchors.get(self.pool_key(layout, j)) or ())
+            usable = covering(pool, base.num_tokens)
+            following = self._estimated_following(layout, j, end)
+            sources = usable if by_index else pool
+            if following and len(sources) >= 2:
+                if not any(a.following_ids == following for a in sources):
                     return Fallback("following segment unseen", f"span {j}")
             dist = self.distances(base, [a.base for a in usable]) if len(usable) >= 2 else None
-            candidates.append((j, base, usable, dist))
-        chosen: list[tuple[int, KV, GateDecision, Distances | None]] = []
-        for j, base, usable, dist in candidates:
-            decision = decide(
-                base.v, usable, self.config.gamma, distances=None if dist is None else dist.values
-            )
+            candidates.append((j, base, pool, dist))
+        chosen: list[tuple[int, KV, list[Anchor], GateDecision, Distances | None]] = []
+        for j, base, pool, dist in candidates:
+            values = None if dist is None else dist.values
+            decision = decide(base.v, pool, self.config.gamma, distances=values, cover=by_index)
             if not decision.shareable:
                 return Fallback(decision.reason.split(":")[0], f"span {j}: {decision.reason}")
-            chosen.append((j, base, decision, dist))
+            chosen.append((j, base, pool, decision, dist))
 
         pieces = []
-        for j, base, decision, dist in chosen:
-            following = layout.following(j)
+        for j, base, pool, _, dist in chosen:
+            following = self._estimated_following(layout, j, end)
             nothing_after = None if following else KV(base.k[:, :0], base.v[:, :0])
             recipe = weigh(
-                base, decision.anchors, following, self.config.estimate, nothing_after, dist
+                base,
+                pool,
+                following,
+                self.config.estimate,
+                nothing_after,
+                dist,
+                content_ids=layout.content(j),
             )
             span_start, span_end = spans[j]
             pieces.append(
@@ -193,7 +207,16 @@ class KVComm:
                     max(0, min(layout.following_end(j), end) - span_end),
                 )
             )
-        return Reuse(start, end, pieces, [d for _, _, d, _ in chosen])
+        return Reuse(start, end, pieces, [d for _, _, _, d, _ in chosen])
+
+    def pool_key(self, layout: PromptLayout, j: int) -> Hashable:
+        """Span j's anchor pool: its template, and the origin of its content's base."""
+        return layout.slot_key(j), self.bases.origin(layout.content(j))
+
+    @staticmethod
+    def _estimated_following(layout: PromptLayout, j: int, end: int) -> tuple[int, ...]:
+        """The token ids of span j's following segment, if any of it lies before ``end``."""
+        return layout.following(j) if layout.following_end(j) > layout.spans[j][1] < end else ()
 
     def commit(self, reuse: Reuse) -> None:
         """The reuse was applied: its top anchors earn an activation (kept from eviction)."""
@@ -201,35 +224,45 @@ class KVComm:
             activate(decision)
 
     def observe_prefill(self, layout: PromptLayout, read: Read) -> None:
-        """Learn anchors from a dense prefill of ``layout`` (one per span)."""
+        """Learn from a dense prefill of ``layout``: a base for each unseen content, an anchor
+        for each other span (see the module docstring)."""
         for j, (start, end) in enumerate(layout.spans):
-            pool = self.anchors.pool(layout.slot_key(j))
+            tokens = layout.content(j)
+            if tokens not in self.bases:
+                base = self._position_zero(read(start, end), start)
+                self.bases.put(tokens, base, origin=layout.slot_key(j))
+                continue
+            pool = self.anchors.pool(self.pool_key(layout, j))
             context = layout.tokens[: layout.following_end(j)]
             if pool.holds(context):
                 continue  # e.g. an exact prefix hit on the prompt that taught it
-            content = read(start, end)
-            following = read(end, layout.following_end(j))
-            tokens = layout.content(j)
-            base = self.bases.get(tokens)
-            if base is None:
-                base = self._position_zero(content, start)
-                self.bases.put(tokens, base)
             anchor = Anchor.from_dense(
-                base, content, following, layout.following(j), start, self.rope, context
+                self.bases.get(tokens),
+                read(start, end),
+                read(end, layout.following_end(j)),
+                layout.following(j),
+                start,
+                self.rope,
+                context,
+                content_ids=tokens,
             )
             pool.add(anchor)
         self._enforce_budget()
 
-    def observe_output(self, tokens: tuple[int, ...], kv: KV, position: int) -> None:
-        """``kv``: the KV a decode produced for ``tokens``, the first at ``position``."""
+    def observe_output(
+        self, tokens: tuple[int, ...], kv: KV, position: int, prompt: PromptLayout | None = None
+    ) -> None:
+        """``kv``: the KV a decode produced for ``tokens``, the first at ``position``, after
+        ``prompt`` (whose template is the base's origin)."""
         if not tokens:
             return
+        origin = ("decode", None if prompt is None else prompt.template())
         base = self._position_zero(kv, position)
-        self.bases.put(tokens, base)
+        self.bases.put(tokens, base, origin)
         if len(tokens) > 1:
             # Quoted without its last token too: an answer drops its stop token, and whether
             # the engine computed the last sampled token's KV depends on its scheduler.
-            self.bases.put(tokens[:-1], base.tokens(slice(0, -1)))
+            self.bases.put(tokens[:-1], base.tokens(slice(0, -1)), origin)
         self._enforce_budget()
 
     def _position_zero(self, kv: KV, position: int) -> KV:

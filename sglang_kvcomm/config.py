@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
+from radix_anchor.estimate import PLACEHOLDER_ESTIMATES
+
 ENV_VAR = "SGLANG_KVCOMM_CONFIG"
 BACKEND_NAME = "kvcomm"
 
@@ -30,6 +32,8 @@ class KVCommConfig:
     window: int = 5  # W: eviction drops the least activated of the W oldest anchors
     max_memory_mb: int = 1024  # bound on base KV + anchors held per scheduler
     tail_tokens: int | None = None  # prompt tokens a reuse leaves to prefill; None: per device
+    exact_final: int = 64  # tokens of the final fixed segment prefilled exactly
+    placeholder: str = "token"  # the placeholder offset estimate (radix_anchor.estimate)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -47,6 +51,13 @@ class KVCommConfig:
 
         if self.tail_tokens is not None and self.tail_tokens < 1:
             raise KVCommConfigError(f"--kvcomm-tail-tokens must be >= 1, got {self.tail_tokens}")
+        if self.exact_final < 0:
+            raise KVCommConfigError(f"--kvcomm-exact-final must be >= 0, got {self.exact_final}")
+        if self.placeholder not in PLACEHOLDER_ESTIMATES:
+            raise KVCommConfigError(
+                f"--kvcomm-placeholder must be one of {', '.join(PLACEHOLDER_ESTIMATES)}, "
+                f"got {self.placeholder!r}"
+            )
         if self.max_memory_mb < 1:
             raise KVCommConfigError(
                 f"--kvcomm-max-memory-mb must be >= 1, got {self.max_memory_mb}"
@@ -114,6 +125,22 @@ _FLAGS = (
         "Prompt tokens a reuse leaves to prefill (>= 1). Unset: 4 on CUDA (a prefill of 2 or "
         "more tokens runs as a CUDA graph, 1 token runs eagerly and is ~6 ms slower on an "
         "H100), 1 elsewhere.",
+    ),
+    _Flag(
+        "exact_final",
+        "--kvcomm-exact-final",
+        int,
+        "Tokens of the prompt's final fixed segment (the lead-in to the answer, after the last "
+        "shared segment) prefilled exactly instead of estimated (>= 0; 0: estimate it all, as "
+        "the paper). Recomputing it halves the next token's KL at about no GPU cost.",
+    ),
+    _Flag(
+        "placeholder",
+        "--kvcomm-placeholder",
+        str,
+        "Placeholder offset estimate: 'token' (the mean offset of the same token id across the "
+        "anchor pool, else of the same index) or 'index' (the paper's: anchors at least as "
+        "long as the content, weighted per index).",
     ),
 )
 

@@ -45,9 +45,9 @@ class PoolKV:
         return kvcomm_kernels.gather(self.k_buffer, self.v_buffer, slots)
 
     def warm_up(self, rope: RopeSpec) -> None:
-        """Run the whole reuse path once on a synthetic two-span prompt (learn three anchors,
-        plan, write) so that nothing compiles or loads inside the first real request: on an
-        H100 the Triton JIT and first-use CUDA kernels of real sizes cost ~0.5-1.5 s there.
+        """Run the whole reuse path once on a synthetic two-span prompt (learn three anchors per
+        span, plan, write) so that nothing compiles or loads inside the first real request: on
+        an H100 the Triton JIT and first-use CUDA kernels of real sizes cost ~0.5-1.5 s there.
         Reads and writes only slot 0, SGLang's padding slot."""
         device = self.k_buffer[0].device
         padding = torch.zeros(256, dtype=torch.int64, device=device)
@@ -62,11 +62,12 @@ class PoolKV:
         def read(start: int, end: int) -> KV:
             return self.read(padding[: end - start])
 
-        for first in (10_000, 20_000, 30_000):
-            engine.observe_prefill(prompt(first), read)
-        new = prompt(40_000)
-        for j, (start, end) in enumerate(new.spans):
-            engine.observe_output(new.content(j), read(start, end), start)
+        *taught, new = (prompt(first) for first in (10_000, 20_000, 30_000, 40_000))
+        for layout in (*taught, new):
+            for j, (start, end) in enumerate(layout.spans):  # bases, as an earlier decode's
+                engine.observe_output(layout.content(j), read(start, end), start)
+        for layout in taught:
+            engine.observe_prefill(layout, read)
         reuse = engine.plan(new, 1, len(new.tokens) - 1)
         if not isinstance(reuse, Reuse):
             raise RuntimeError(f"kvcomm warm-up did not plan a reuse: {reuse}")

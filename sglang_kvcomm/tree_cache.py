@@ -13,9 +13,10 @@
   admitted one is owned by the request, and its anchors earn their activation.
 - Approximate KV never enters the tree: ``cache_unfinished_req`` of a request served with an
   estimate only advances its prefix (chunked prefill) and ``cache_finished_req`` frees it.
-- Learning, when a request finishes: after a dense prefill of an ``approx`` request its spans
-  become anchors; its decode's KV becomes the base KV of its response. The request is counted
-  then, at its final decision.
+- Learning: a dense prefill of an ``approx`` request teaches bases and anchors at the next
+  admission round (``begin_round``) while the request runs, or when it finishes, whichever comes
+  first; its decode's KV becomes the base KV of its response when it finishes. The request is
+  counted then, at its final decision.
 - ``reset`` (``/flush_cache``) also forgets bases, anchors and pending estimates.
 
 SGLang-side details and why they hold: ``docs/reuse-path.md``.
@@ -36,6 +37,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 import kvcomm_kernels
+from radix_anchor.estimate import EstimateOptions
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import Fallback, KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import RopeSpec
@@ -80,6 +82,7 @@ class KVCommRadixCache(RadixCache):
     ) -> None:
         self.kvcomm: KVComm | None = None  # RadixCache.__init__ calls reset()
         self._pending: dict[str, Req] = {}  # holding an estimate, not admitted yet
+        self._learnable: dict[str, Req] = {}  # prefilled densely, running, not learned from
         super().__init__(params)
         if self.page_size != 1:
             raise ValueError(f"--kvcomm needs --page-size 1, got {self.page_size}")
@@ -92,6 +95,8 @@ class KVCommRadixCache(RadixCache):
                 max_anchors=config.max_anchors,
                 window=config.window,
                 max_bytes=config.max_memory_mb << 20,
+                exact_final=config.exact_final,
+                estimate=EstimateOptions(placeholder=config.placeholder),
             ),
             distances=kvcomm_kernels.anchor_distances,
         )
@@ -106,12 +111,15 @@ class KVCommRadixCache(RadixCache):
         self._round: PrefillAdder | None = None
         logger.info(
             "KVCOMM tree cache: threshold(gamma)=%s max_anchors(V)=%s window(W)=%s "
-            "max_memory=%dMiB tail_tokens=%d rope=%s/%d layers=%d kernels=%s (warm-up %.1fs)",
+            "max_memory=%dMiB tail_tokens=%d exact_final=%d placeholder=%s rope=%s/%d layers=%d "
+            "kernels=%s (warm-up %.1fs)",
             config.threshold,
             config.max_anchors,
             config.window,
             config.max_memory_mb,
             self.tail_tokens,
+            config.exact_final,
+            config.placeholder,
             rope.layout,
             rope.head_dim,
             self.kv_pool.num_layers,
@@ -122,8 +130,15 @@ class KVCommRadixCache(RadixCache):
     # -- admission rounds -------------------------------------------------------------------
 
     def begin_round(self, adder: PrefillAdder) -> None:
-        """The scheduler opened an admission round: estimates come out of ``adder``'s budget."""
+        """The scheduler opened an admission round: estimates come out of ``adder``'s budget.
+
+        The round's requests may reuse what the running requests' dense prefills measured, so
+        those are learned from now (a round opens only when requests wait), not at their
+        finish: programs started together then reuse from the second round on."""
         self._round = adder
+        for req in self._learnable.values():
+            self._learn_from_prefill(req, req.kvcomm_state, len(req.origin_input_ids))
+        self._learnable.clear()
 
     def end_round(self) -> None:
         """The round's batch is formed: admitted requests own their estimates, the others'
@@ -249,6 +264,9 @@ class KVCommRadixCache(RadixCache):
         state = self._state(req)
         if state is None or not state.admitted:
             super().cache_unfinished_req(req, chunked=chunked)
+            if state is not None and not state.learned and not chunked:
+                if len(req.get_fill_ids()) >= len(req.origin_input_ids):
+                    self._learnable[req.rid] = req
             return
         # Served with an estimate: nothing of it may enter the tree. The next chunk starts after
         # what is computed so far; everything past ``cache_protected_len`` is freed at the end.
@@ -260,9 +278,11 @@ class KVCommRadixCache(RadixCache):
     def cache_finished_req(
         self, req: Req, is_insert: bool = True, *, kv_len_to_handle: int
     ) -> None:
-        # Learning waits for here: in cache_unfinished_req it would sit between the prefill and
-        # the first token's output (+6-10 ms of TTFT at 1K tokens, 8B, H100).
+        # Learning from a prefill waits for the next admission round or for here: in
+        # cache_unfinished_req it would sit between the prefill and the first token's output
+        # (+6-10 ms of TTFT at 1K tokens, 8B, H100).
         state = self._state(req)
+        self._learnable.pop(req.rid, None)
         if state is not None:
             if not state.admitted:
                 self._learn_from_prefill(req, state, kv_len_to_handle)
@@ -297,7 +317,7 @@ class KVCommRadixCache(RadixCache):
             return
         tokens = tuple(req.output_ids[: kv_len - input_len])
         kv = self.kv_pool.read(self._slots(req, input_len, kv_len))
-        self.kvcomm.observe_output(tokens, kv, input_len)
+        self.kvcomm.observe_output(tokens, kv, input_len, _layout(req, state.request))
 
     def _slots(self, req: Req, start: int, end: int) -> torch.Tensor:
         return self.req_to_token_pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
@@ -353,6 +373,7 @@ class KVCommRadixCache(RadixCache):
         for req in list(self._pending.values()):
             self._release(req, req.kvcomm_state)
         self._round = None
+        self._learnable.clear()
         super().reset()
         if self.kvcomm is not None:
             self.kvcomm.clear()

@@ -118,3 +118,56 @@ def test_dtype_is_kept():
     anchors = [_anchor(KV(a.k.half(), a.v.half()), _rand(T), _rand(S)) for a in (_rand(T),) * 2]
     est = estimate(base, 2, anchors, FOLLOW_IDS, ROPE)
     assert est.content.k.dtype == torch.float16 and est.following.v.dtype == torch.float16
+
+
+def _token_matched_reference(ids, anchors):
+    """Token by token in float64: the mean offset over every (anchor, index) holding the same
+    id; else over the anchors long enough to have index t; else over every pooled token."""
+    ks, vs = [], []
+    everything = [(a, i) for a in anchors for i in range(a.length)]
+    for t, token in enumerate(ids):
+        same = [(a, i) for a in anchors for i, x in enumerate(a.content_ids) if x == token]
+        rows = same or [(a, t) for a in anchors if a.length > t] or everything
+        ks.append(sum(a.ph_offset.k[:, i].double() for a, i in rows) / len(rows))
+        vs.append(sum(a.ph_offset.v[:, i].double() for a, i in rows) / len(rows))
+    return torch.stack(ks, 1), torch.stack(vs, 1)
+
+
+def test_token_matched_offsets_match_a_token_by_token_reference():
+    torch.manual_seed(3)
+    length = 7  # longer than every anchor below: the last token takes the pool mean
+    ids = (5, 9, 5, 2, 40, 9, 41)  # 40 is nowhere in the pool; 41 sits past every anchor
+    pooled_ids = [(9, 1, 5, 3, 3, 2), (2, 2, 7, 8), (6, 5, 0, 1, 4)]
+    anchors = [
+        Anchor(
+            base=_rand(len(c)),
+            ph_offset=_rand(len(c)),
+            following=_rand(S),
+            following_ids=FOLLOW_IDS,
+            position=0,
+            content_ids=c,
+        )
+        for c in pooled_ids
+    ]
+    base, template = _rand(length), _rand(S)  # no anchor covers 7 tokens: a template follows
+    est = estimate(base, 13, anchors, FOLLOW_IDS, ROPE, following_base=template, content_ids=ids)
+    want_k, want_v = _token_matched_reference(ids, anchors)
+    torch.testing.assert_close(
+        est.content.k[1:].double(), rotate(base.k.double() + want_k, 13, ROPE)[1:]
+    )
+    torch.testing.assert_close(est.content.v[1:].double(), (base.v.double() + want_v)[1:])
+    torch.testing.assert_close(est.content.k[0], rotate(base.k, 13, ROPE)[0])  # layer 0 exact
+    # the paper's estimate is still there, and differs
+    paper = estimate(
+        base,
+        13,
+        anchors,
+        FOLLOW_IDS,
+        ROPE,
+        EstimateOptions(placeholder="index"),
+        following_base=template,
+        content_ids=ids,
+    )
+    assert not torch.allclose(paper.content.v, est.content.v)
+    with pytest.raises(ValueError, match="placeholder estimate"):
+        EstimateOptions(placeholder="nearest")

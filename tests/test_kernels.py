@@ -156,19 +156,20 @@ def test_pool_write_of_a_planned_reuse_is_its_materialized_kv(backend):
 
     layers, heads, dim = SHAPES["qwen2-0.5b"]
     rope = RopeSpec.from_theta(dim, 1e6)
-    engine = KVComm(rope, ReuseConfig(gamma=1.0))
-    prefix, between, tail = (1, 2, 3), (4, 5), (6, 7, 8)
+    engine = KVComm(rope, ReuseConfig(gamma=1.0, exact_final=0))  # every token estimated
+    between, tail = (4, 5), (6, 7, 8)
 
-    def layout(a: int, b: int) -> PromptLayout:
+    def layout(a: int, b: int, prefix: tuple[int, ...] = (1, 2, 3)) -> PromptLayout:
         first, second = tuple(range(100 + a, 107 + a)), tuple(range(300 + b, 305 + b))
         tokens = (*prefix, *first, *between, *second, *tail)
         return PromptLayout.of(tokens, [(3, 10), (12, 17)])
 
-    for i in range(3):
-        measured = _kv(layers, 20, heads, dim, torch.float32)
-        engine.observe_prefill(
-            layout(10 * i, 10 * i), lambda a, b, m=measured: m.tokens(slice(a, b))
-        )
+    for i in range(3):  # a sibling's prefill gives the bases, this template's the anchors
+        for prefix in ((9, 9, 9), (1, 2, 3)):
+            measured = _kv(layers, 20, heads, dim, torch.float32)
+            engine.observe_prefill(
+                layout(10 * i, 10 * i, prefix), lambda a, b, m=measured: m.tokens(slice(a, b))
+            )
     reuse = engine.plan(layout(0, 20), exact_len=3, end=19)  # new pairing; the last token left
     _use(backend)
     pool = PoolKV(

@@ -24,11 +24,16 @@ def prompt(prefix: list[int], shared: list[int]) -> tuple[list[int], list[int]]:
     return prefix + shared + S, [len(prefix), len(prefix) + len(shared)]
 
 
+TAUGHT = ((P2, 1), (P2, 2), (P, 1), (P, 2), (P2, 3))
+
+
 def taught(**kwargs) -> SimulatedScheduler:
-    """Two anchors for agent P's placeholder, and question 3's base KV from agent P2: agent P
-    reading question 3 is then a reuse of 11 estimated tokens behind a 10-token exact prefix."""
+    """Agent P2 reads questions 1 and 2 first (their bases), agent P after it (two anchors for
+    P's placeholder against P2's bases), and P2 reads question 3 (its base): agent P reading
+    question 3 is then a reuse of 8 estimated tokens behind a 10-token exact prefix, its
+    final 4-token segment prefilled."""
     sim = SimulatedScheduler(**kwargs)
-    for prefix, k in ((P, 1), (P, 2), (P2, 3)):
+    for prefix, k in TAUGHT:
         sim.request(*prompt(prefix, question(k)))
         sim.run()
     assert sim.leaked() == 0
@@ -48,8 +53,8 @@ def test_a_reuse_is_served_and_frees_its_estimate():
     req = reuse_request(sim)
     sim.run()
     assert sim.report(req)["decision"] == "reuse"
-    assert sim.report(req)["tokens_estimated"] == 11
-    assert counted(sim) == {"reuse": 1, "dense": 3, "off": 0}
+    assert sim.report(req)["tokens_estimated"] == 8
+    assert counted(sim) == {"reuse": 1, "dense": 5, "off": 0}
     assert sim.leaked() == 0
 
 
@@ -82,6 +87,27 @@ def test_two_reuses_in_one_round_share_its_budget():
     assert sim.report(second)["reason"] == "KV pool full"
     sim.run()
     assert second.finished()
+    assert sim.leaked() == 0
+
+
+def test_a_running_dense_prefill_teaches_the_next_round():
+    """Programs started together: the second request of a pool waits while the first runs; the
+    first's prefill is learned from when the next round opens, not when it finishes, so the
+    waiting request reuses (before: warm-up, one anchor)."""
+    sim = SimulatedScheduler(max_prefill_tokens=20)
+    for prefix, k in ((P2, 1), (P2, 2), (P, 1), (P2, 3)):
+        sim.request(*prompt(prefix, question(k)))
+        sim.run()
+    first = sim.request(*prompt(P, question(2)), max_new=8)  # extends 12 of 20 tokens
+    second = reuse_request(sim)
+    sim.step()
+    assert first.req_pool_idx is not None and second.req_pool_idx is None
+    assert sim.report(first)["reason"] == "warm-up"
+    sim.step()  # the next round: `first` decodes, `second` is admitted
+    assert not first.finished()
+    assert sim.report(second)["decision"] == "reuse"
+    sim.run()
+    assert counted(sim) == {"reuse": 1, "dense": 5, "off": 0}
     assert sim.leaked() == 0
 
 
@@ -130,7 +156,7 @@ def test_prefix_evicted_while_queued_is_served_and_counted_dense():
         "reason": "prefix not cached",
         "overhead_ms": 0,
     }
-    assert counted(sim) == {"reuse": 0, "dense": 3 + 1, "off": 0}  # the plain one has no metadata
+    assert counted(sim) == {"reuse": 0, "dense": 5 + 1, "off": 0}  # the plain one has no metadata
     assert sim.leaked() == 0
 
 
@@ -144,7 +170,7 @@ def test_a_retracted_reuse_is_prefilled_again_and_counted_dense():
     assert sim.leaked() == 0
     sim.run()
     assert sim.report(req)["reason"] == "retracted"
-    assert counted(sim) == {"reuse": 0, "dense": 4, "off": 0}
+    assert counted(sim) == {"reuse": 0, "dense": 6, "off": 0}
     assert sim.leaked() == 0
 
 

@@ -18,6 +18,8 @@ from radix_anchor.rope import RopeSpec, rotate
 L, H, D = 3, 2, 8
 ROPE = RopeSpec.from_theta(D, 1e4)
 PREFIX, FOLLOW, TAIL = (1, 2, 3), (7, 8), (9, 10, 11)
+SIBLING = (4, 5, 6)  # another agent's prefix
+PAPER = ReuseConfig(gamma=1.0, exact_final=0)  # every token after the exact prefix estimated
 
 
 def _kv(tokens: int, seed: int) -> KV:
@@ -25,10 +27,12 @@ def _kv(tokens: int, seed: int) -> KV:
     return KV(torch.randn(L, tokens, H, D, generator=g), torch.randn(L, tokens, H, D, generator=g))
 
 
-def _layout(first: tuple[int, ...], second: tuple[int, ...], prefix=PREFIX) -> PromptLayout:
-    tokens = (*prefix, *first, *FOLLOW, *second, *TAIL)
+def _layout(
+    first: tuple[int, ...], second: tuple[int, ...], prefix=PREFIX, follow=FOLLOW, tail=TAIL
+) -> PromptLayout:
+    tokens = (*prefix, *first, *follow, *second, *tail)
     a = len(prefix)
-    b = a + len(first) + len(FOLLOW)
+    b = a + len(first) + len(follow)
     return PromptLayout.of(tokens, [(a, a + len(first)), (b, b + len(second))])
 
 
@@ -38,29 +42,57 @@ def _observe(engine: KVComm, layout: PromptLayout, seed: int) -> KV:
     return measured
 
 
+def _teach(engine: KVComm, first: tuple[int, ...], second: tuple[int, ...], seed: int) -> None:
+    """A sibling agent's prefill gives the contents their bases; PREFIX's, one anchor a span."""
+    _observe(engine, _layout(first, second, prefix=SIBLING), seed)
+    _observe(engine, _layout(first, second), seed + 1000)
+
+
 def _contents(n: int, length: int = 4) -> list[tuple[int, ...]]:
     return [tuple(range(100 + 10 * i, 100 + 10 * i + length)) for i in range(n)]
 
 
-def test_first_dense_prefill_gives_bases_and_anchors():
+def test_the_prefill_that_gives_a_base_teaches_no_anchor_the_next_one_does():
     engine = KVComm(ROPE)
     first, second = _contents(2)
-    layout = _layout(first, second)
-    measured = _observe(engine, layout, seed=0)
-    (s0, e0), (s1, e1) = layout.spans
+    sibling = _layout(first, second, prefix=SIBLING)
+    measured = _observe(engine, sibling, seed=0)
+    (s0, e0), _ = sibling.spans
     base = engine.bases.get(first)
     torch.testing.assert_close(base.k, rotate(measured.k[:, s0:e0], -s0, ROPE))
     torch.testing.assert_close(base.v, measured.v[:, s0:e0])
     assert engine.bases.get(second) is not None
-    for j in range(2):
-        (anchor,) = engine.anchors.get(layout.slot_key(j))
+    assert engine.report()["anchors"] == 0  # offsets against itself: zero, nothing learned
+
+    layout = _layout(first, second)
+    measured = _observe(engine, layout, seed=1)
+    for j, (start, end) in enumerate(layout.spans):
+        key = engine.pool_key(layout, j)
+        assert key == (layout.slot_key(j), sibling.slot_key(j))  # template, base's origin
+        (anchor,) = engine.anchors.get(key)
         assert anchor.following_ids == layout.following(j)
-        assert anchor.ph_offset.k.abs().max() < 1e-5  # the base was measured right here
+        assert anchor.content_ids == layout.content(j)
+        want_v = measured.v[:, start:end] - engine.bases.get(layout.content(j)).v
+        torch.testing.assert_close(anchor.ph_offset.v, want_v)
     assert engine.report()["anchors"] == 2 and engine.report()["bases"] == 2
 
 
+def test_a_pool_never_mixes_bases_of_two_origins():
+    engine = KVComm(ROPE, PAPER)
+    contents = _contents(4)
+    _teach(engine, contents[0], contents[1], seed=0)
+    _teach(engine, contents[2], contents[3], seed=1)
+    # the same template, but contents whose bases a decode made: another pool, still empty
+    fresh = _contents(6)[4:]
+    for content in fresh:
+        engine.observe_output(content, _kv(len(content), seed=5), position=3)
+    layout = _layout(*fresh)
+    assert engine.pool_key(layout, 0)[1] != engine.pool_key(_layout(*contents[:2]), 0)[1]
+    assert engine.plan(layout, len(PREFIX), len(layout.tokens) - 1).reason == "warm-up"
+
+
 def test_plan_falls_back_with_a_reason():
-    engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
+    engine = KVComm(ROPE, PAPER)
     contents = _contents(6)
     layout = _layout(contents[0], contents[1])
     start = layout.spans[0][0]
@@ -71,9 +103,9 @@ def test_plan_falls_back_with_a_reason():
         "exact prefix covers the shared spans"
     )
     assert engine.plan(layout, start, end).reason == "no base KV"
-    _observe(engine, layout, seed=1)
+    _teach(engine, contents[0], contents[1], seed=1)
     assert engine.plan(layout, start, end).reason == "warm-up"  # one anchor per pool
-    _observe(engine, _layout(contents[2], contents[3]), seed=2)
+    _teach(engine, contents[2], contents[3], seed=2)
     other_following = PromptLayout.of(
         (*layout.tokens[:-1], 99), layout.spans
     )  # same contents, the segment after the last span differs
@@ -81,11 +113,31 @@ def test_plan_falls_back_with_a_reason():
     assert isinstance(engine.plan(layout, start, end), Reuse)
 
 
+def test_the_final_segment_is_prefilled_up_to_its_cap():
+    engine = KVComm(ROPE, ReuseConfig(gamma=1.0, exact_final=5))
+    contents = _contents(6)
+    for tail in (TAIL, tuple(range(200, 208))):
+        for i in range(2):
+            _observe(engine, _layout(*contents[2 * i : 2 * i + 2], prefix=SIBLING, tail=tail), i)
+            _observe(engine, _layout(*contents[2 * i : 2 * i + 2], tail=tail), 10 + i)
+    short = _layout(contents[0], contents[3])  # a final segment of 3 tokens: all prefilled
+    plan = engine.plan(short, len(PREFIX), len(short.tokens) - 1)
+    assert plan.end == short.spans[1][1]
+    assert plan.pieces[-1].following_tokens == 0
+    # a final segment of 8: its first 3 estimated (their following offsets), the last 5 exact
+    long = _layout(contents[0], contents[3], tail=tuple(range(200, 208)))
+    plan = engine.plan(long, len(PREFIX), len(long.tokens) - 1)
+    assert plan.end == len(long.tokens) - 5 and plan.pieces[-1].following_tokens == 3
+    # a final segment never seen is no reason to fall back when none of it is estimated
+    unseen = _layout(contents[0], contents[3], tail=(300, 301))
+    assert isinstance(engine.plan(unseen, len(PREFIX), len(unseen.tokens) - 1), Reuse)
+
+
 def test_planned_kv_is_the_estimate_of_each_span_and_its_following_segment():
-    engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
+    engine = KVComm(ROPE, PAPER)
     contents = _contents(8)
     for i in range(3):
-        _observe(engine, _layout(contents[2 * i], contents[2 * i + 1]), seed=10 + i)
+        _teach(engine, contents[2 * i], contents[2 * i + 1], seed=10 + i)
     layout = _layout(contents[0], contents[3])  # both contents have bases, in a new pairing
     end = len(layout.tokens) - 1
     plan = engine.plan(layout, layout.spans[0][0] + 1, end)  # exact match ends inside span 0
@@ -95,9 +147,10 @@ def test_planned_kv_is_the_estimate_of_each_span_and_its_following_segment():
         est = estimate(
             engine.bases.get(layout.content(j)),
             s,
-            list(engine.anchors.get(layout.slot_key(j))),
+            list(engine.anchors.get(engine.pool_key(layout, j))),
             layout.following(j),
             ROPE,
+            content_ids=layout.content(j),
         )
         pieces += [est.content, est.following]
     want_k = torch.cat([p.k for p in pieces], 1)[:, : end - plan.start]
@@ -116,7 +169,7 @@ def test_commit_activates_the_top_anchors():
     engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
     contents = _contents(6)
     for i in range(2):
-        _observe(engine, _layout(contents[2 * i], contents[2 * i + 1]), seed=20 + i)
+        _teach(engine, contents[2 * i], contents[2 * i + 1], seed=20 + i)
     plan = engine.plan(_layout(contents[0], contents[3]), len(PREFIX), 20)
     engine.commit(plan)
     for decision in plan.decisions:
@@ -126,11 +179,11 @@ def test_commit_activates_the_top_anchors():
 def test_memory_bound_holds_and_keeps_the_newest():
     one_prompt = KVComm(ROPE)
     contents = _contents(12)
-    _observe(one_prompt, _layout(contents[0], contents[1]), seed=0)
+    _teach(one_prompt, contents[0], contents[1], seed=0)
     budget = int(2.5 * one_prompt.nbytes)
     engine = KVComm(ROPE, ReuseConfig(max_bytes=budget))
     for i in range(6):
-        _observe(engine, _layout(contents[2 * i], contents[2 * i + 1]), seed=30 + i)
+        _teach(engine, contents[2 * i], contents[2 * i + 1], seed=30 + i)
         assert engine.nbytes <= budget
     assert engine.bases.get(contents[11]) is not None
     assert 0 < engine.anchors.num_anchors < 12
@@ -139,21 +192,23 @@ def test_memory_bound_holds_and_keeps_the_newest():
 
 def test_memory_pressure_drops_stale_anchor_pools_before_a_fresh_base():
     contents = _contents(5)
-    layouts = [_layout(contents[2 * i], contents[2 * i + 1], prefix=(1, 2, 3 + i)) for i in (0, 1)]
+    pairs = [(contents[0], contents[1]), (contents[2], contents[3])]
     dry = KVComm(ROPE)
-    for i, layout in enumerate(layouts):
-        _observe(dry, layout, seed=i)
+    for i, pair in enumerate(pairs):
+        _teach(dry, *pair, seed=i)
     fresh, answer = contents[4], _kv(len(contents[4]), seed=9)
     budget = dry.nbytes + answer.nbytes // 2  # the answer fits once one anchor goes
     engine = KVComm(ROPE, ReuseConfig(max_bytes=budget))
-    for i, layout in enumerate(layouts):
-        _observe(engine, layout, seed=i)
-    engine.anchors.get(layouts[1].slot_key(0))  # the second prompt's first pool: used lately
+    for i, pair in enumerate(pairs):
+        _teach(engine, *pair, seed=i)
+    layouts = [_layout(*pair) for pair in pairs]
+    engine.anchors.get(engine.pool_key(layouts[0], 1))  # span 1's pool: used lately
     engine.observe_output(fresh, answer, position=20)
     assert engine.nbytes <= budget
     assert engine.bases.get(fresh) is not None  # the newest base stays
-    assert engine.anchors.get(layouts[0].slot_key(0)) is None  # the stalest pool paid, emptied
-    assert len(engine.anchors.get(layouts[1].slot_key(0))) == 1
+    assert engine.anchors.get(engine.pool_key(layouts[0], 0)) is not None
+    assert len(engine.anchors.get(engine.pool_key(layouts[0], 0))) == 1  # the stalest pool paid
+    assert len(engine.anchors.get(engine.pool_key(layouts[0], 1))) == 2
 
 
 def test_base_store_drops_the_least_recently_used_unprotected_base():
@@ -211,7 +266,8 @@ def test_reuse_on_smollm2_is_close_to_dense_prefill(hf_models):
     end = len(layout.tokens) - 1
     plan = engine.plan(layout, len(agent), end)
     assert isinstance(plan, Reuse), plan
-    truth = truth.tokens(slice(plan.start, end))
+    assert plan.end == len(layout.tokens) - len(following)  # the final segment is prefilled
+    truth = truth.tokens(slice(plan.start, plan.end))
     got = plan.materialize(model.rope)
     torch.testing.assert_close(got.k[0], truth.k[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.v[0], truth.v[0], rtol=1e-4, atol=1e-4)
