@@ -23,7 +23,7 @@ import requests
 
 pytestmark = pytest.mark.e2e
 
-QUESTIONS = 10
+QUESTIONS = 8
 GREEDY_TOKENS = 32
 # SmolLM2 in the fidelity harness (benchmarks/RESULTS.md, "Fidelity of estimated KV vs dense
 # prefill"): the full estimate's 32-token greedy agreement with dense prefill is 0.50.
@@ -117,7 +117,8 @@ def test_later_agents_reuse_after_warm_up(run):
 
     reused = [r for r in reports if r["decision"] == "reuse"]
     assert reused, [r["reason"] for r in reports]
-    assert all(r["tokens_prefilled"] <= 2 and r["tokens_estimated"] > 0 for r in reused)
+    # the final segment (the lead-in to the answer, at most --kvcomm-exact-final 64) is prefilled
+    assert all(0 < r["tokens_prefilled"] <= 64 and r["tokens_estimated"] > 0 for r in reused)
 
     delta = {
         k: run["after_workload"]["requests"][k] - run["start"]["requests"][k]
