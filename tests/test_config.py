@@ -64,6 +64,8 @@ def test_without_kvcomm_nothing_changes():
         (["--kvcomm", "--kvcomm-max-anchors", "4", "--kvcomm-window", "5"], "--kvcomm-window"),
         (["--kvcomm", "--kvcomm-max-memory-mb", "0"], "--kvcomm-max-memory-mb"),
         (["--kvcomm", "--kvcomm-tail-tokens", "0"], "--kvcomm-tail-tokens"),
+        (["--kvcomm", "--kvcomm-exact-final", "-1"], "--kvcomm-exact-final"),
+        (["--kvcomm", "--kvcomm-placeholder", "nearest"], "--kvcomm-placeholder"),
         (["--kvcomm-threshold", "0.5"], "--kvcomm-threshold"),  # option without --kvcomm
         (["--kvcomm", "--disable-radix-cache"], "--disable-radix-cache"),
         (["--kvcomm", "--radix-cache-backend", "other"], "--radix-cache-backend"),
