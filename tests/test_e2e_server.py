@@ -33,6 +33,8 @@ def test_stats_report_the_configuration_the_scheduler_received(servers):
         "window": 3,
         "max_memory_mb": 1024,
         "tail_tokens": None,
+        "exact_final": 64,
+        "placeholder": "token",
     }
     assert stats["rope"] == {"layout": "neox", "head_dim": 64}  # checked against the model
     assert set(stats["requests"]) == {"reuse", "dense", "off"}
