@@ -44,8 +44,10 @@ print(sorted(o for o in options if o.startswith("--kvcomm")))
     assert out.stdout.strip().splitlines()[-1] == str(
         [
             "--kvcomm",
+            "--kvcomm-exact-final",
             "--kvcomm-max-anchors",
             "--kvcomm-max-memory-mb",
+            "--kvcomm-placeholder",
             "--kvcomm-tail-tokens",
             "--kvcomm-threshold",
             "--kvcomm-window",
