@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -195,13 +196,14 @@ class Harness:
         return record
 
     def _gate(self, layout: PromptLayout) -> dict:
-        """The gate's statistic per span (entropy over its limit; the largest decides)."""
+        """The server's gate statistic per span (entropy over its limit; the largest decides)."""
         ratios = []
         for j in range(len(layout.spans)):
             base = self.engine.bases.get(layout.content(j))
             pool = list(self.engine.anchors.get(self.engine.pool_key(layout, j)) or ())
-            d = decide(base.v, pool, self.engine.config.gamma)
-            ratios.append(d.entropy_bits / max(d.limit_bits, 1e-9) if d.anchors else float("inf"))
+            d = decide(base.v, pool, self.engine.config.gamma, cover=False)
+            # fewer than two anchors cover the content: the server's gate compares nothing
+            ratios.append(0.0 if math.isnan(d.entropy_bits) else d.entropy_bits / d.limit_bits)
         return {"entropy_over_limit": max(ratios)}
 
     # -- variants ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ For content with base KV (position-0 frame) placed at positions ``start .. start
   the paper's estimate, ``sum_n w_n dK_n`` with per-token weights over the anchors at least as
   long as the content (``matching.placeholder_weights``), is ``placeholder="index"``. An offline
   study found those weights flat (the estimate is then the same-index mean) and the same-token
-  mean closer to the measured offset on both packaged models (docs/fidelity.md). Rotation is
+  mean closer to the measured offset on both packaged models (issue 13). Rotation is
   linear, so offsets are combined in the position-0 frame and rotated once;
 - following segment (length S, at ``start + T ..``): ``sum_n w_n KV_n`` with the per-channel
   weights (``matching.following_weights``), rotated to its target. Since the weights sum to 1

@@ -51,11 +51,9 @@ def decide(
     length = values.shape[1]
     compatible = covering(anchors, length)
     if len(compatible if cover else anchors) < min_anchors:
-        held = (
-            f"{len(compatible)} anchor(s) cover {length} tokens"
-            if cover
-            else (f"{len(anchors)} anchor(s) pooled")
-        )
+        held = f"{len(compatible)} anchor(s) cover {length} tokens"
+        if not cover:
+            held = f"{len(anchors)} anchor(s) pooled"
         return GateDecision(False, f"warm-up: {held}, need {min_anchors}", anchors=compatible)
     if len(compatible) < 2:  # nothing to compare: the pool's token-matched offsets serve
         return GateDecision(True, "", anchors=compatible)
