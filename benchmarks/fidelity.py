@@ -46,8 +46,8 @@ from hf_kv import HFModel, concat
 from report import format_table
 
 from radix_anchor.anchor_pool import KV
-from radix_anchor.estimate import EstimateOptions
-from radix_anchor.gate import decide
+from radix_anchor.estimate import EstimateOptions, matched_tokens
+from radix_anchor.gate import decide, decide_by_error
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import rotate
@@ -67,13 +67,14 @@ SUFFIX = "\n\nGive your answer step by step.<|im_end|>\n<|im_start|>assistant\n"
 NEUTRAL = "<|im_start|>user\n"
 SERVER = "server"
 ESTIMATED = {  # variants the engine plans
-    SERVER: ReuseConfig(gamma=1.0),
-    "token offsets, estimated final": ReuseConfig(gamma=1.0, exact_final=0),
+    SERVER: ReuseConfig(threshold=1.0),
+    "token offsets, estimated final": ReuseConfig(threshold=1.0, exact_final=0),
     "paper (index weights, estimated final)": ReuseConfig(
-        gamma=1.0, exact_final=0, estimate=EstimateOptions(placeholder="index")
+        threshold=1.0, exact_final=0, estimate=EstimateOptions(placeholder="index")
     ),
 }
 PIECEWISE = ("rotation only", "naive reuse", "selective recompute 15%")
+GATE_STATISTICS = ("predicted error", "unmatched share", "entropy / limit")
 FREE_RUNNING = (SERVER, "paper (index weights, estimated final)", "rotation only")
 
 
@@ -107,7 +108,7 @@ class Harness:
         self.response_len = response
         self.free = free
         self.base = base
-        self.engine = KVComm(model.rope)  # the server's: gate at its default gamma
+        self.engine = KVComm(model.rope)  # the server's: gate at its default threshold
         self.planners = {name: self._sharing(cfg) for name, cfg in ESTIMATED.items()}
         self.prefixes = [
             model.encode(f"<|im_start|>system\n{role}<|im_end|>\n") + model.encode(HEADER)
@@ -196,15 +197,19 @@ class Harness:
         return record
 
     def _gate(self, layout: PromptLayout) -> dict:
-        """The server's gate statistic per span (entropy over its limit; the largest decides)."""
-        ratios = []
+        """Gate statistics of the call, each the largest over its spans: the server's predicted
+        relative error, the share of content tokens without a same-id match, and the paper's
+        entropy over its limit (0 where fewer than two anchors cover the content)."""
+        stats: dict[str, list[float]] = {name: [] for name in GATE_STATISTICS}
         for j in range(len(layout.spans)):
-            base = self.engine.bases.get(layout.content(j))
+            content = layout.content(j)
             pool = list(self.engine.anchors.get(self.engine.pool_key(layout, j)) or ())
-            d = decide(base.v, pool, self.engine.config.gamma, cover=False)
-            # fewer than two anchors cover the content: the server's gate compares nothing
-            ratios.append(0.0 if math.isnan(d.entropy_bits) else d.entropy_bits / d.limit_bits)
-        return {"entropy_over_limit": max(ratios)}
+            stats["predicted error"].append(decide_by_error(content, pool, 1.0).statistic)
+            stats["unmatched share"].append(1 - float(matched_tokens(content, pool).float().mean()))
+            paper = decide(self.engine.bases.get(content).v, pool, 1.0)
+            ratio = paper.statistic / paper.limit if paper.limit else 0.0
+            stats["entropy / limit"].append(0.0 if math.isnan(ratio) else ratio)
+        return {name: max(values) for name, values in stats.items()}
 
     # -- variants ---------------------------------------------------------------------------
 
@@ -305,20 +310,20 @@ def _variants(scored: list[dict]) -> dict:
 
 
 def gate_auc(scored: list[dict]) -> dict | None:
-    """How well the gate's entropy ranks scored calls by the server variant's mean KL: the AUC
-    of entropy / limit for telling calls above the median KL from those below (0.5: no
-    signal; 1: higher entropy always means more error)."""
-    pairs = [
-        (r["gate"]["entropy_over_limit"], sum(r["scores"][SERVER].kl) / len(r["scores"][SERVER].kl))
-        for r in scored
-    ]
-    if len(pairs) < 4:
+    """How well each gate statistic ranks scored calls by the server variant's mean KL: the AUC
+    of the statistic for telling calls above the median KL from those below (0.5: no signal;
+    1: a larger statistic always means more error)."""
+    kls = [sum(r["scores"][SERVER].kl) / len(r["scores"][SERVER].kl) for r in scored]
+    if len(kls) < 4:
         return None
-    median = sorted(kl for _, kl in pairs)[len(pairs) // 2]
-    high = [g for g, kl in pairs if kl >= median]
-    low = [g for g, kl in pairs if kl < median]
-    wins = sum((h > lo) + 0.5 * (h == lo) for h in high for lo in low)
-    return {"auc": wins / (len(high) * len(low)), "calls": len(pairs), "median_kl": median}
+    median = sorted(kls)[len(kls) // 2]
+    out: dict = {"calls": len(kls), "median_kl": median}
+    for name in GATE_STATISTICS:
+        high = [r["gate"][name] for r, kl in zip(scored, kls, strict=True) if kl >= median]
+        low = [r["gate"][name] for r, kl in zip(scored, kls, strict=True) if kl < median]
+        wins = sum((h > lo) + 0.5 * (h == lo) for h in high for lo in low)
+        out[name] = wins / (len(high) * len(low))
+    return out
 
 
 def table(variants: dict) -> str:

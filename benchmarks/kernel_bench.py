@@ -115,7 +115,7 @@ def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayou
     lengths = [1024, 512, 512, 512, 512]
     engine = KVComm(
         ROPE,
-        ReuseConfig(gamma=1.0, max_anchors=max(anchors, 2), max_bytes=1 << 40),
+        ReuseConfig(threshold=1.0, max_anchors=max(anchors, 2), max_bytes=1 << 40),
         distances=kvcomm_kernels.anchor_distances,
     )  # as the server
 

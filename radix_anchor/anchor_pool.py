@@ -55,7 +55,8 @@ class Anchor:
     look offsets up by id). ``ph_offset``: measured KV of the content in this context minus
     ``base`` (same length). ``following``: measured KV of the fixed segment after the content,
     with ``following_ids`` its token ids (only anchors whose following segment matches a
-    request's contribute to its estimate).
+    request's contribute to its estimate). ``error``: ``estimate.held_out_error`` against the
+    pool it joined (None: it joined an empty pool, or its ids are unknown).
     """
 
     base: KV
@@ -66,6 +67,8 @@ class Anchor:
     activations: int = 0
     context: Hashable = None  # the observed prompt up to the end of ``following``, if known
     content_ids: tuple[int, ...] = ()  # empty: unknown (token-matched offsets skip the anchor)
+    # the pool's estimate of this content when it joined, relative error [matched, other tokens]
+    error: torch.Tensor | None = None
     _ids: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -231,6 +231,37 @@ def token_matched_offset(content_ids: Sequence[int], anchors: Sequence[Anchor], 
     return KV(*out)
 
 
+def matched_tokens(content_ids: Sequence[int], anchors: Sequence[Anchor]) -> torch.Tensor:
+    """Which of a content's tokens take a same-token offset: ids some anchor holds, [T] bool."""
+    device = anchors[0].ph_offset.k.device if anchors else torch.device("cpu")
+    ids = torch.tensor(content_ids, dtype=torch.int64, device=device)
+    held = [a.content_id_tensor(device) for a in anchors if a.content_ids]
+    if not held:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    return torch.isin(ids, torch.cat(held))
+
+
+def held_out_error(anchor: Anchor, others: Sequence[Anchor]) -> torch.Tensor:
+    """The relative error of the token-matched estimate of ``anchor``'s content from ``others``:
+    ||estimated - measured|| / ||measured|| over layers >= 1, keys and values together, for the
+    tokens ``matched_tokens`` finds and for the rest; float32 ``[2]`` (NaN for a class with no
+    token) on the anchor's device, no host sync. Taken when an anchor joins its pool, it is the
+    error a reuse of that content would have made: the gate predicts from it (``gate.py``)."""
+    length = anchor.length
+    est = token_matched_offset(anchor.content_ids, others, length)
+    err = torch.zeros(length, dtype=torch.float32, device=est.k.device)
+    ref = torch.zeros_like(err)
+    for guess, offset, base in zip(
+        (est.k, est.v), _offset(anchor), (anchor.base.k, anchor.base.v), strict=True
+    ):
+        offset = offset[1:].float()
+        err += (guess[1:] - offset).square().sum((0, 2, 3))
+        ref += (base[1:].float() + offset).square().sum((0, 2, 3))
+    matched = matched_tokens(anchor.content_ids, others)
+    classes = torch.stack([matched, ~matched]).float()  # [2, T]
+    return ((classes @ err) / (classes @ ref)).sqrt()
+
+
 def _offset(anchor: Anchor) -> tuple[torch.Tensor, torch.Tensor]:
     return anchor.ph_offset.k, anchor.ph_offset.v
 

@@ -1,13 +1,22 @@
-"""The entropy gate: is a new content close enough to the pool's anchors to reuse?
+"""The gate: is a new content's estimate likely close enough to its dense KV to reuse?
 
-Over the N anchors that cover the content (at least as long), s = softmax_n(-||V - V_n[:T]||_F /
-tau) and H = -sum s log2 s. The content is shareable when N >= ``min_anchors`` (2: with fewer the
-distribution says nothing) and H <= gamma * log2 N. Token-matched offsets take every anchor of
-the pool, whatever its length (``cover=False``): the pool then needs ``min_anchors`` anchors,
-and the entropy test applies where at least two of them cover the content. A peaked
-distribution (one anchor clearly closest) has low entropy; a flat one means no anchor stands
-out. When shareable, the anchors in the top-p (0.9) mass of s gain one activation each, which
-protects them from eviction.
+Two criteria, one per placeholder estimate (``estimate.PLACEHOLDER_ESTIMATES``):
+
+- ``decide_by_error`` (token-matched offsets, the default) predicts the estimate's relative
+  error from what the pool measured: every anchor, when it joined, recorded how far the pool's
+  estimate of its own content was from its dense KV (``estimate.held_out_error``), for tokens
+  with a same-id match and for the rest. A content's predicted error is those means mixed by
+  its share of matched tokens, ``sqrt(m e_matched^2 + (1 - m) e_other^2)``, capped at 1 (an
+  estimate as far from the KV as the KV's own norm); it is shareable when that is at most
+  ``threshold``, so 1 admits every content of a warm pool. The statistic is a ratio of norms:
+  it does not depend on the model's activation scale, and it is the quantity the estimate tries
+  to make small. The anchors holding the most of the content's token ids (top-p of their
+  share; every anchor when none does) gain an activation.
+- ``decide`` (the paper's, ``placeholder="index"``): over the N anchors that cover the content
+  (at least as long), s = softmax_n(-||V - V_n[:T]||_F / tau) and H = -sum s log2 s; shareable
+  when N >= ``min_anchors`` and H <= gamma * log2 N. Distances of hundreds make s one-hot, so
+  H tests the scale of the activations more than the estimate (issue 13). The anchors in the
+  top-p (0.9) mass of s gain one activation each, which protects them from eviction.
 """
 
 from __future__ import annotations
@@ -19,17 +28,49 @@ from dataclasses import dataclass, field
 import torch
 
 from radix_anchor.anchor_pool import Anchor, covering
+from radix_anchor.estimate import matched_tokens
 
 
 @dataclass
 class GateDecision:
     shareable: bool
     reason: str  # why not shareable ("" when shareable)
-    entropy_bits: float = float("nan")
-    limit_bits: float = float("nan")
-    anchors: list[Anchor] = field(default_factory=list)  # the compatible anchors, pool order
-    probs: torch.Tensor | None = None  # s over ``anchors``
+    statistic: float = float("nan")  # predicted relative error, or entropy in bits
+    limit: float = float("nan")  # shareable when statistic <= limit
+    anchors: list[Anchor] = field(default_factory=list)  # the anchors weighed, pool order
+    probs: torch.Tensor | None = None  # over ``anchors``: s, or each one's share of the ids
     activated: list[Anchor] = field(default_factory=list)  # top-p mass of s
+
+
+def decide_by_error(
+    content_ids: Sequence[int],
+    anchors: Sequence[Anchor],
+    threshold: float,
+    *,
+    top_p: float = 0.9,
+    min_anchors: int = 2,
+) -> GateDecision:
+    """``content_ids``: the content's token ids; ``anchors``: its pool. One host read.
+
+    Pure: activation counts are bumped by ``activate``."""
+    measured = [a.error for a in anchors if a.error is not None]
+    if len(anchors) < min_anchors or not measured:
+        held = f"{len(anchors)} anchor(s) pooled, {len(measured)} with a measured error"
+        return GateDecision(False, f"warm-up: {held}, need {min_anchors}", anchors=list(anchors))
+    ids = torch.tensor(content_ids, dtype=torch.int64, device=measured[0].device)
+    shares = torch.stack([torch.isin(a.content_id_tensor(ids.device), ids).sum() for a in anchors])
+    matched = matched_tokens(content_ids, anchors).float().mean()
+    host = torch.cat([torch.stack(measured).nanmean(0), matched[None], shares.float()]).cpu()
+    e_matched, e_other, share = (float(x) for x in host[:3])
+    e_matched = e_other if math.isnan(e_matched) else e_matched
+    e_other = e_matched if math.isnan(e_other) else e_other
+    error = min(math.sqrt(share * e_matched**2 + (1.0 - share) * e_other**2), 1.0)
+    probs = host[3:] / host[3:].sum().clamp_min(1.0)
+    if error > threshold:
+        return GateDecision(False, "predicted error", error, threshold, list(anchors), probs)
+    # the anchors the estimate drew on: those holding the content's ids; else the index mean's
+    activated = _top_p(list(anchors), probs, top_p) if float(host[3:].sum()) else list(anchors)
+    return GateDecision(True, "", error, threshold, list(anchors), probs, activated)
 
 
 def decide(
@@ -41,22 +82,17 @@ def decide(
     top_p: float = 0.9,
     min_anchors: int = 2,
     distances: torch.Tensor | None = None,
-    cover: bool = True,
 ) -> GateDecision:
-    """``values``: the content's base V ``[L, T, H, D]``; ``anchors``: the pool's anchors;
-    ``distances``: ``||V - V_n[:T]||`` over the anchors that cover the content, if already
-    computed (``matching.Distances.values``).
+    """The paper's entropy gate. ``values``: the content's base V ``[L, T, H, D]``;
+    ``anchors``: the pool's anchors; ``distances``: ``||V - V_n[:T]||`` over the anchors that
+    cover the content, if already computed (``matching.Distances.values``).
 
     Pure: activation counts are bumped by ``activate``."""
     length = values.shape[1]
     compatible = covering(anchors, length)
-    if len(compatible if cover else anchors) < min_anchors:
+    if len(compatible) < min_anchors:
         held = f"{len(compatible)} anchor(s) cover {length} tokens"
-        if not cover:
-            held = f"{len(anchors)} anchor(s) pooled"
         return GateDecision(False, f"warm-up: {held}, need {min_anchors}", anchors=compatible)
-    if len(compatible) < 2:  # nothing to compare: the pool's token-matched offsets serve
-        return GateDecision(True, "", anchors=compatible)
     if distances is None:
         v = values.float()
         distances = torch.stack(

@@ -12,7 +12,9 @@ The engine calls three things, all in token positions of one prompt (a ``PromptL
 - ``observe_prefill(layout, read)`` after a dense prefill: a content seen for the first time gets
   its measured KV (de-rotated) as base KV, with the span's template as its origin; a content that
   has a base gives the pool of (span's template, base's origin) an anchor, unless the pool holds
-  one measured in the same tokens. The prefill that provides a base teaches no anchor: its
+  one measured in the same tokens; the anchor records how far the pool's estimate of its
+  content was from what was measured (the gate predicts from that). The prefill that provides a
+  base teaches no anchor: its
   offset against itself is zero, and a pool never mixes offsets against bases of two origins.
 - ``observe_output(tokens, kv, position, prompt)`` when a request finishes: the KV its decode
   produced becomes the base KV of its response, which later prompts quote.
@@ -33,8 +35,8 @@ import torch
 
 from radix_anchor.anchor_pool import KV, Anchor, AnchorStore, covering
 from radix_anchor.base_store import BaseStore
-from radix_anchor.estimate import EstimateOptions, Recipe, apply, weigh
-from radix_anchor.gate import GateDecision, activate, decide
+from radix_anchor.estimate import EstimateOptions, Recipe, apply, held_out_error, weigh
+from radix_anchor.gate import GateDecision, activate, decide, decide_by_error
 from radix_anchor.matching import Distances, anchor_distances
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.rope import RopeSpec, rotate
@@ -44,7 +46,9 @@ Read = Callable[[int, int], KV]  # measured KV of the prompt's tokens [start, en
 
 @dataclass(frozen=True)
 class ReuseConfig:
-    gamma: float = 0.3
+    # the gate's limit in [0, 1]: the largest predicted relative error of a content's estimate
+    # (token-matched offsets), or the paper's entropy gamma (placeholder="index")
+    threshold: float = 0.3
     max_anchors: int = 20
     window: int = 5
     max_bytes: int = 1 << 30
@@ -96,6 +100,7 @@ FALLBACK_REASONS = (
     "no base KV",
     "following segment unseen",
     "warm-up",
+    "predicted error",
     "entropy",
     # the engine's
     "mode off",
@@ -179,8 +184,11 @@ class KVComm:
             candidates.append((j, base, pool, dist))
         chosen: list[tuple[int, KV, list[Anchor], GateDecision, Distances | None]] = []
         for j, base, pool, dist in candidates:
-            values = None if dist is None else dist.values
-            decision = decide(base.v, pool, self.config.gamma, distances=values, cover=by_index)
+            if by_index:
+                values = None if dist is None else dist.values
+                decision = decide(base.v, pool, self.config.threshold, distances=values)
+            else:
+                decision = decide_by_error(layout.content(j), pool, self.config.threshold)
             if not decision.shareable:
                 return Fallback(decision.reason.split(":")[0], f"span {j}: {decision.reason}")
             chosen.append((j, base, pool, decision, dist))
@@ -246,6 +254,8 @@ class KVComm:
                 context,
                 content_ids=tokens,
             )
+            if len(pool) and self.config.estimate.placeholder == "token":
+                anchor.error = held_out_error(anchor, list(pool))
             pool.add(anchor)
         self._enforce_budget()
 

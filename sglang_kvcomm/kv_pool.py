@@ -51,7 +51,7 @@ class PoolKV:
         Reads and writes only slot 0, SGLang's padding slot."""
         device = self.k_buffer[0].device
         padding = torch.zeros(256, dtype=torch.int64, device=device)
-        engine = KVComm(rope, ReuseConfig(gamma=1.0), distances=kvcomm_kernels.anchor_distances)
+        engine = KVComm(rope, ReuseConfig(threshold=1.0), distances=kvcomm_kernels.anchor_distances)
         size = 64  # large enough for the kernels' and torch's multi-block code paths
 
         def prompt(first: int) -> PromptLayout:

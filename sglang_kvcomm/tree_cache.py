@@ -17,6 +17,8 @@
   admission round (``begin_round``) while the request runs, or when it finishes, whichever comes
   first; its decode's KV becomes the base KV of its response when it finishes. The request is
   counted then, at its final decision.
+- Eviction keeps agent templates (the fixed prefix a reuse matches exactly) until no other leaf
+  is left (``eviction.py``).
 - ``reset`` (``/flush_cache``) also forgets bases, anchors and pending estimates.
 
 SGLang-side details and why they hold: ``docs/reuse-path.md``.
@@ -42,6 +44,7 @@ from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import Fallback, KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import RopeSpec
 from sglang_kvcomm.config import KVCommConfig
+from sglang_kvcomm.eviction import TemplatesLast, node_at
 from sglang_kvcomm.kv_pool import PoolKV
 from sglang_kvcomm.metrics import KVCommMetrics
 from sglang_kvcomm.protocol import META_KEY, KVCommRequest, ProtocolError, from_custom_params
@@ -83,7 +86,9 @@ class KVCommRadixCache(RadixCache):
         self.kvcomm: KVComm | None = None  # RadixCache.__init__ calls reset()
         self._pending: dict[str, Req] = {}  # holding an estimate, not admitted yet
         self._learnable: dict[str, Req] = {}  # prefilled densely, running, not learned from
+        self._templates: TemplatesLast | None = None
         super().__init__(params)
+        self._templates = self.eviction_strategy = TemplatesLast(self.eviction_strategy)
         if self.page_size != 1:
             raise ValueError(f"--kvcomm needs --page-size 1, got {self.page_size}")
         self.kvcomm_config = config
@@ -91,7 +96,7 @@ class KVCommRadixCache(RadixCache):
         self.kvcomm = KVComm(
             rope,
             ReuseConfig(
-                gamma=config.threshold,
+                threshold=config.threshold,
                 max_anchors=config.max_anchors,
                 window=config.window,
                 max_bytes=config.max_memory_mb << 20,
@@ -110,7 +115,7 @@ class KVCommRadixCache(RadixCache):
         self.kvcomm_metrics = metrics
         self._round: PrefillAdder | None = None
         logger.info(
-            "KVCOMM tree cache: threshold(gamma)=%s max_anchors(V)=%s window(W)=%s "
+            "KVCOMM tree cache: threshold=%s max_anchors(V)=%s window(W)=%s "
             "max_memory=%dMiB tail_tokens=%d exact_final=%d placeholder=%s rope=%s/%d layers=%d "
             "kernels=%s (warm-up %.1fs)",
             config.threshold,
@@ -190,6 +195,7 @@ class KVCommRadixCache(RadixCache):
             outcome = Fallback("retracted", "re-admitted with output tokens")
         else:
             layout = _layout(req, request)
+            self._keep_template(exact, exact_len, layout)
             end = min(limit, len(layout.tokens) - self.tail_tokens)
             outcome = self.kvcomm.plan(layout, exact_len, end)
         if not isinstance(outcome, Fallback):
@@ -201,6 +207,13 @@ class KVCommRadixCache(RadixCache):
             req, state, "reuse", outcome.start, None, estimated=outcome.num_tokens, started=started
         )
         return self._with_estimate(exact, state)
+
+    def _keep_template(self, exact: MatchResult, exact_len: int, layout: PromptLayout) -> None:
+        """The agent's fixed prefix, if matched, is evicted after other leaves (eviction.py)."""
+        if layout.spans:
+            node = node_at(exact.last_device_node, exact_len, layout.spans[0][0] - 1)
+            if node is not None:
+                self._templates.mark(node)
 
     def _inject(
         self, req: Req, state: _RequestState, reuse: Reuse, exact: MatchResult
@@ -374,6 +387,8 @@ class KVCommRadixCache(RadixCache):
             self._release(req, req.kvcomm_state)
         self._round = None
         self._learnable.clear()
+        if self._templates is not None:
+            self._templates.clear()
         super().reset()
         if self.kvcomm is not None:
             self.kvcomm.clear()

@@ -42,7 +42,7 @@ def test_stats_report_the_configuration_the_scheduler_received(servers):
     assert stats["tail_tokens"] == 1  # CPU: no prefill CUDA graphs to feed
     info = requests.get(servers["kvcomm"].url + "/server_info", timeout=30).json()
     assert info["radix_cache_backend"] == "kvcomm"
-    assert "KVCOMM tree cache: threshold(gamma)=0.5 max_anchors(V)=8 window(W)=3" in (
+    assert "KVCOMM tree cache: threshold=0.5 max_anchors(V)=8 window(W)=3" in (
         servers["kvcomm"].log_path.read_text()
     )
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radix_anchor.anchor_pool import KV, Anchor
-from radix_anchor.estimate import EstimateOptions, estimate
+from radix_anchor.estimate import EstimateOptions, estimate, held_out_error
 from radix_anchor.matching import following_weights
 from radix_anchor.rope import RopeSpec, rotate
 
@@ -171,3 +171,33 @@ def test_token_matched_offsets_match_a_token_by_token_reference():
     assert not torch.allclose(paper.content.v, est.content.v)
     with pytest.raises(ValueError, match="placeholder estimate"):
         EstimateOptions(placeholder="nearest")
+
+
+def test_held_out_error_matches_a_float64_reference():
+    """The error the pool's estimate makes on a newcomer's content, per class of token (same id
+    somewhere in the pool, or not), against the token-by-token reference above."""
+    torch.manual_seed(4)
+    pooled_ids = [(9, 1, 5, 3, 3, 2), (2, 2, 7, 8)]
+    others = [
+        Anchor(_rand(len(c)), _rand(len(c)), _rand(S), FOLLOW_IDS, 0, content_ids=c)
+        for c in pooled_ids
+    ]
+    ids = (5, 9, 40, 2, 41)  # 40 and 41 are in no other anchor
+    newcomer = Anchor(_rand(5), _rand(5), _rand(S), FOLLOW_IDS, 0, content_ids=ids)
+    want_k, want_v = _token_matched_reference(ids, others)
+    offset, base = newcomer.ph_offset, newcomer.base
+    err = sum(
+        (guess - o.double())[1:].square().sum((0, 2, 3))
+        for guess, o in ((want_k, offset.k), (want_v, offset.v))
+    )
+    ref = sum(
+        (b.double() + o.double())[1:].square().sum((0, 2, 3))
+        for b, o in ((base.k, offset.k), (base.v, offset.v))
+    )
+    matched = torch.tensor([x in {i for c in pooled_ids for i in c} for x in ids])
+    want = [(err[m].sum() / ref[m].sum()).sqrt() for m in (matched, ~matched)]
+    got = held_out_error(newcomer, others)
+    assert got.dtype == torch.float32 and got.shape == (2,)
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-5, atol=1e-7)
+    every_id_known = Anchor(_rand(2), _rand(2), _rand(S), FOLLOW_IDS, 0, content_ids=(9, 2))
+    assert torch.isnan(held_out_error(every_id_known, others)[1])  # no token of that class

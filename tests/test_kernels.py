@@ -156,7 +156,7 @@ def test_pool_write_of_a_planned_reuse_is_its_materialized_kv(backend):
 
     layers, heads, dim = SHAPES["qwen2-0.5b"]
     rope = RopeSpec.from_theta(dim, 1e6)
-    engine = KVComm(rope, ReuseConfig(gamma=1.0, exact_final=0))  # every token estimated
+    engine = KVComm(rope, ReuseConfig(threshold=1.0, exact_final=0))  # every token estimated
     between, tail = (4, 5), (6, 7, 8)
 
     def layout(a: int, b: int, prefix: tuple[int, ...] = (1, 2, 3)) -> PromptLayout:

@@ -240,3 +240,19 @@ def test_an_exact_hit_on_a_taught_prompt_adds_no_duplicate_anchor():
     sim.request(*prompt(P, question(1)))
     sim.run()
     assert sim.cache.kvcomm_report()["anchors"] == anchors
+
+
+def test_agent_templates_are_evicted_after_older_prompts():
+    """Memory pressure takes the prompts behind an agent's fixed prefix before the prefix: the
+    next request of the agent still matches it exactly and reuses (before: LRU took agent P's
+    prefix, older than P2's last prompt, and the request was prefilled densely, "prefix not
+    cached")."""
+    sim = taught()
+    behind = sim.cache.evictable_size() - 2 * len(P)  # everything but the two agents' prefixes
+    sim.cache.evict(EvictParams(num_tokens=behind))
+    assert sim.cache.evictable_size() == 2 * len(P)
+    req = reuse_request(sim)
+    sim.run()
+    assert sim.report(req)["tokens_exact"] == len(P)
+    assert sim.report(req)["decision"] == "reuse"
+    assert sim.leaked() == 0

@@ -1,4 +1,4 @@
-"""Matching weights and the entropy gate on hand-built cases, against float64 formulas."""
+"""Matching weights and both gates on hand-built cases, against float64 formulas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from radix_anchor.anchor_pool import KV, Anchor
-from radix_anchor.gate import activate, decide
+from radix_anchor.gate import activate, decide, decide_by_error
 from radix_anchor.matching import blend, following_weights, placeholder_weights
 
 L, H, D = 2, 2, 4
@@ -97,8 +97,8 @@ def test_gate_entropy_against_float64():
     dist = torch.stack([(v.double() - a.base.v[:, :4].double()).norm() for a in anchors])
     s = torch.softmax(-dist / 0.2, dim=0)
     entropy = float(-(s * torch.log2(s)).sum())
-    assert decision.entropy_bits == pytest.approx(entropy, rel=1e-5)
-    assert decision.limit_bits == pytest.approx(0.9 * math.log2(4))
+    assert decision.statistic == pytest.approx(entropy, rel=1e-5)
+    assert decision.limit == pytest.approx(0.9 * math.log2(4))
     assert decision.shareable == (entropy <= 0.9 * 2)
 
 
@@ -106,12 +106,12 @@ def test_gate_flat_distribution_is_not_shareable_and_peaked_is():
     v = torch.randn(L, 4, H, D)
     flat = [_anchor(v + 3.0), _anchor(v - 3.0)]  # equidistant: H = 1 bit = log2(2)
     d = decide(v, flat, gamma=0.99)
-    assert d.entropy_bits == pytest.approx(1.0, abs=1e-6)
+    assert d.statistic == pytest.approx(1.0, abs=1e-6)
     assert not d.shareable and d.reason == "entropy"
     assert decide(v, flat, gamma=1.0).shareable  # H <= gamma * log2 N, inclusive
     peaked = [_anchor(v.clone()), _anchor(v + 3.0), _anchor(v - 3.0)]
     d = decide(v, peaked, gamma=0.1)
-    assert d.shareable and d.entropy_bits < 0.01
+    assert d.shareable and d.statistic < 0.01
     assert d.activated == [peaked[0]]
 
 
@@ -123,3 +123,39 @@ def test_top_p_activation():
     assert d.shareable and d.activated == anchors[:2]
     activate(d)
     assert [a.activations for a in anchors] == [1, 1, 0]
+
+
+def _measured(ids: tuple[int, ...], error: tuple[float, float] | None) -> Anchor:
+    anchor = _anchor(torch.randn(L, len(ids), H, D))
+    anchor.content_ids = ids
+    anchor.error = None if error is None else torch.tensor(error)
+    return anchor
+
+
+def test_error_gate_mixes_the_pool_errors_by_the_matched_share():
+    anchors = [
+        _measured((1, 2, 3), None),  # joined an empty pool: nothing measured
+        _measured((1, 4), (0.1, 0.5)),
+        _measured((5, 6, 7), (0.3, float("nan"))),  # its every token had a match
+    ]
+    content = (1, 2, 8, 9)  # half its tokens have a same-id match
+    d = decide_by_error(content, anchors, threshold=1.0)
+    e_matched, e_other = (0.1 + 0.3) / 2, 0.5
+    assert d.shareable and d.statistic == pytest.approx(
+        math.sqrt(0.5 * e_matched**2 + 0.5 * e_other**2), rel=1e-6
+    )
+    assert d.limit == 1.0
+    # the anchors holding the content's ids: shares 2/3 and 1/3 of the hits; top-p 0.9 takes both
+    assert d.activated == anchors[:2]
+    strict = decide_by_error(content, anchors, threshold=d.statistic * 0.99)
+    assert not strict.shareable and strict.reason == "predicted error"
+    assert decide_by_error(content, anchors, threshold=d.statistic + 1e-6).shareable
+    # every token matched: only the matched-class error counts
+    assert decide_by_error((1, 4), anchors, 1.0).statistic == pytest.approx(e_matched, rel=1e-6)
+
+
+def test_error_gate_warm_up():
+    one = decide_by_error((1,), [_measured((1,), (0.1, 0.1))], threshold=1.0)
+    assert not one.shareable and one.reason.startswith("warm-up: 1 anchor(s) pooled")
+    unmeasured = decide_by_error((1,), [_measured((1,), None), _measured((2,), None)], 1.0)
+    assert not unmeasured.shareable and "0 with a measured error" in unmeasured.reason

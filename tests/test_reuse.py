@@ -19,7 +19,7 @@ L, H, D = 3, 2, 8
 ROPE = RopeSpec.from_theta(D, 1e4)
 PREFIX, FOLLOW, TAIL = (1, 2, 3), (7, 8), (9, 10, 11)
 SIBLING = (4, 5, 6)  # another agent's prefix
-PAPER = ReuseConfig(gamma=1.0, exact_final=0)  # every token after the exact prefix estimated
+PAPER = ReuseConfig(threshold=1.0, exact_final=0)  # every token after the exact prefix estimated
 
 
 def _kv(tokens: int, seed: int) -> KV:
@@ -114,7 +114,7 @@ def test_plan_falls_back_with_a_reason():
 
 
 def test_the_final_segment_is_prefilled_up_to_its_cap():
-    engine = KVComm(ROPE, ReuseConfig(gamma=1.0, exact_final=5))
+    engine = KVComm(ROPE, ReuseConfig(threshold=1.0, exact_final=5))
     contents = _contents(6)
     for tail in (TAIL, tuple(range(200, 208))):
         for i in range(2):
@@ -166,7 +166,7 @@ def test_planned_kv_is_the_estimate_of_each_span_and_its_following_segment():
 
 
 def test_commit_activates_the_top_anchors():
-    engine = KVComm(ROPE, ReuseConfig(gamma=1.0))
+    engine = KVComm(ROPE, ReuseConfig(threshold=1.0))
     contents = _contents(6)
     for i in range(2):
         _teach(engine, contents[2 * i], contents[2 * i + 1], seed=20 + i)
