@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -41,7 +42,7 @@ from report import agreement, format_table
 from tasks import TASKS, Item, Task
 from tqdm import tqdm
 
-from kvcomm_frontend import Call, KVCommEndpoint, fully_connected
+from kvcomm_frontend import CANONICAL_READER, Call, KVCommEndpoint, fully_connected
 from sglang_kvcomm.assets.models import MODELS, model_dir
 from sglang_kvcomm.server_process import ServerProcess, serving
 
@@ -49,10 +50,13 @@ R = TypeVar("R")
 CHUNK_PER_THREAD = 2  # items per thread between two phase switches (results are saved per chunk)
 
 
-def run_item(endpoint: KVCommEndpoint, task: Task, item: Item, agents: int) -> list[Call]:
+def run_item(
+    endpoint: KVCommEndpoint, task: Task, item: Item, agents: int, canonical: bool = False
+) -> list[Call]:
     """Runs the program on one item; returns the calls it made, the decision's last."""
     first = len(endpoint.calls)
     fully_connected.run(
+        base=CANONICAL_READER if canonical else None,
         question=item.question,
         roles=task.roles[:agents],
         decision=task.decision,
@@ -70,6 +74,7 @@ def evaluate(
     kvcomm: Queue[KVCommEndpoint],
     agents: int,
     pool: ThreadPoolExecutor,
+    canonical: bool = False,
 ) -> list[dict]:
     """Runs a chunk of items on the pool's threads, one server at a time: all dense programs,
     then all KVCOMM programs, then the dense replays. Two CPU servers decoding at once would
@@ -88,7 +93,7 @@ def evaluate(
         return call
 
     def program(endpoint: KVCommEndpoint, item: Item) -> list[Call]:
-        return run_item(endpoint, task, item, agents)
+        return run_item(endpoint, task, item, agents, canonical)
 
     dense = list(pool.map(lend(radix, program), chunk))
     approx = list(pool.map(lend(kvcomm, program), chunk))
@@ -102,6 +107,8 @@ def score(
     answers = {
         name: task.answer(c[-1].text) for name, c in (("dense", dense_calls), ("kvcomm", calls))
     }
+    reader = [c for c in calls if c.agent == CANONICAL_READER.name]
+    calls = [c for c in calls if c.agent != CANONICAL_READER.name]
     reused = []
     for call in calls:
         if call.kvcomm.get("decision") != "reuse":
@@ -115,12 +122,14 @@ def score(
                 "ttft_ms": 1000 * call.meta["client_ttft_s"],
                 "dense_ttft_ms": 1000 * replay.meta["client_ttft_s"],
                 "tokens_estimated": call.kvcomm.get("tokens_estimated"),
+                "gate_statistic": call.kvcomm.get("gate_statistic"),
             }
         )
     return {
         "id": item.id,
         "answer": answers,
         "correct": {name: task.correct(a, item) for name, a in answers.items()},
+        "calls": len(calls),
         "approx_calls": sum(c.mode == "approx" for c in calls),
         "fallbacks": [
             c.kvcomm.get("reason")
@@ -128,13 +137,41 @@ def score(
             if c.mode == "approx" and c.kvcomm.get("decision") != "reuse"
         ],
         "reused": reused,
+        # the canonical reader's prefill: the paper's "Others" cost of the item
+        "others_tokens": sum(len(c.body["input_ids"]) for c in reader),
+        "prompt_tokens": sum(len(c.body["input_ids"]) for c in calls),
         "outputs": {"dense": dense_calls[-1].text, "kvcomm": calls[-1].text},
+    }
+
+
+def paired_difference(records: list[dict]) -> dict:
+    """Accuracy KVCOMM - dense over the same items, its 95% CI (normal approximation of the
+    paired difference, as McNemar's test), and the discordance rate (items where exactly one
+    run is correct) with its Wilson 95% CI."""
+    n = len(records)
+    gained = sum(r["correct"]["kvcomm"] and not r["correct"]["dense"] for r in records)
+    lost = sum(r["correct"]["dense"] and not r["correct"]["kvcomm"] for r in records)
+    if not n:
+        return {}
+    diff = (gained - lost) / n
+    se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+    rate, z = (gained + lost) / n, 1.96
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {
+        "difference": diff,
+        "difference_ci95": [diff - z * se, diff + z * se],
+        "gained": gained,
+        "lost": lost,
+        "discordance": rate,
+        "discordance_ci95": [centre - half, centre + half],
     }
 
 
 def summarize(records: list[dict]) -> dict:
     reused = [r for rec in records for r in rec["reused"]]
     approx = sum(rec["approx_calls"] for rec in records)
+    calls = sum(rec.get("calls", rec["approx_calls"] + 1) for rec in records)
     n = len(records)
 
     def mean(values: list[float]) -> float | None:
@@ -144,13 +181,20 @@ def summarize(records: list[dict]) -> dict:
     for rec in records:
         for reason in rec["fallbacks"]:
             fallbacks[reason] = fallbacks.get(reason, 0) + 1
+    prompts = sum(rec.get("prompt_tokens", 0) for rec in records)
     return {
         "items": n,
         "accuracy_dense": mean([rec["correct"]["dense"] for rec in records]),
         "accuracy_kvcomm": mean([rec["correct"]["kvcomm"] for rec in records]),
         "reuse_rate": len(reused) / approx if approx else None,
+        "reuse_rate_all_calls": len(reused) / calls if calls else None,
         "reused_calls": len(reused),
         "approx_calls": approx,
+        "calls": calls,
+        "paired": paired_difference(records),
+        "others_share": sum(rec.get("others_tokens", 0) for rec in records) / prompts
+        if prompts
+        else None,
         "agree_at_32": mean([r["agree"] for r in reused]),
         "identical": mean([r["identical"] for r in reused]),
         "same_answer": mean([rec["answer"]["dense"] == rec["answer"]["kvcomm"] for rec in records]),
@@ -227,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         help="KV pool (tokens) of each server this script starts; with --parallel N it holds "
         "N prompts at once, and the cached ones",
     )
+    parser.add_argument(
+        "--canonical-base",
+        action="store_true",
+        help="a one-token canonical reader reads each question first: its base KV serves every "
+        "agent, agent 1 included (its prefill is reported as the 'Others' cost)",
+    )
     parser.add_argument("--out", default="benchmarks/out", help="output folder")
     parser.add_argument(
         "--resume",
@@ -239,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[args.task]
     model = model_dir(args.model) if args.model in MODELS else Path(args.model)
     stem = f"{task.name}-{Path(args.model).name}-{args.agents}agents"
+    stem += "-canonical" if args.canonical_base else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = out / f"{stem}.jsonl"
@@ -281,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             size = args.parallel * CHUNK_PER_THREAD
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
-                for record in evaluate(task, chunk, radix_eps, kvcomm_eps, args.agents, pool):
+                for record in evaluate(
+                    task, chunk, radix_eps, kvcomm_eps, args.agents, pool, args.canonical_base
+                ):
                     done[record["id"]] = record
                     sink.write(json.dumps(record) + "\n")
                 sink.flush()
@@ -292,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model),
         "agents": args.agents,
         "kvcomm_args": args.kvcomm_args,
+        "canonical_base": args.canonical_base,
         "wall_s": time.perf_counter() - started,
         **summarize(records),
     }
@@ -337,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             ],
         )
+    )
+    print(
+        f"reuse of all calls {summary['reuse_rate_all_calls']}, paired {summary['paired']}, "
+        f"'Others' share of prompt tokens {summary['others_share']}"
     )
     print(f"fallbacks by reason: {summary['fallbacks']}")
     print(f"wrote {lines}, {out / (stem + '.json')}, {out / (stem + '.png')}")

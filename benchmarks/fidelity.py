@@ -23,7 +23,9 @@ equal). Variants, in one run:
   which recomputes those tokens over approximate context).
 
 ``--base neutral`` gives each question its base from one prefill behind ``<|im_start|>user\\n``
-instead (the paper's setting; agent 1 can then reuse too). The gate is logged for every scored
+instead (the paper's setting; agent 1 can then reuse too); ``--base canonical`` behind the
+frontend's canonical reader (an agent-like system prompt and the agents' header), as
+``fully_connected(base=CANONICAL_READER)`` does on the server. The gate is logged for every scored
 call (entropy, its limit, the server's decision) with the call's KL: the AUC says how well the
 gate's statistic ranks calls by error.
 
@@ -64,7 +66,12 @@ ROLES = (
 HEADER = "<|im_start|>user\nSolve this problem:\n"
 BEFORE_ANSWER = "\n\nAgent {} answered:\n"
 SUFFIX = "\n\nGive your answer step by step.<|im_end|>\n<|im_start|>assistant\n"
-NEUTRAL = "<|im_start|>user\n"
+BASE_CONTEXTS = {  # --base: the text a question's base KV is computed behind (sibling: agent 1)
+    "neutral": "<|im_start|>user\n",
+    # the frontend's CANONICAL_READER (kvcomm_frontend.agents) in this harness's ChatML
+    "canonical": "<|im_start|>system\nYou are a helpful assistant. Read the problem; others will "
+    "solve it.<|im_end|>\n" + HEADER,
+}
 SERVER = "server"
 ESTIMATED = {  # variants the engine plans
     SERVER: ReuseConfig(threshold=1.0),
@@ -128,11 +135,11 @@ class Harness:
     def question(self, text: str) -> tuple[list[Call], list[dict]]:
         """Run the program on one question; returns its calls and one record per call."""
         q = self.m.encode(text)
-        if self.base == "neutral":
-            kv = self.m.prefill(self.m.encode(NEUTRAL) + q).kv
-            n = kv.num_tokens - len(q)
-            base = KV(rotate(kv.k[:, n:], -n, self.m.rope), kv.v[:, n:].clone())
-            self.engine.bases.put(tuple(q), base, origin=("neutral",))
+        if self.base != "sibling":
+            context = self.m.encode(BASE_CONTEXTS[self.base])
+            kv = self.m.prefill(context + q).kv.tokens(slice(len(context), None))
+            base = KV(rotate(kv.k, -len(context), self.m.rope), kv.v.clone())
+            self.engine.bases.put(tuple(q), base, origin=(self.base,))
         answers: list[tuple[list[int], int]] = []  # (ids, position where its base was made)
         calls, records = [], []
         for a in range(self.agents):
@@ -151,7 +158,9 @@ class Harness:
     def _call(self, a: int, q: list[int], answers: list[tuple[list[int], int]]) -> Call:
         tokens = list(self.prefixes[a])
         spans, base_at = [], []
-        q_at = len(self.prefixes[0]) if self.base == "sibling" else len(self.m.encode(NEUTRAL))
+        q_at = len(self.prefixes[0])
+        if self.base != "sibling":
+            q_at = len(self.m.encode(BASE_CONTEXTS[self.base]))
         for j, (ids, at) in enumerate([(q, q_at), *answers]):
             if j:
                 tokens += self.m.encode(BEFORE_ANSWER.format(j))
@@ -359,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "--response", type=int, default=64, help="dense response tokens (teacher forcing)"
     )
     parser.add_argument("--free", type=int, default=32, help="free-running tokens compared")
-    parser.add_argument("--base", choices=["sibling", "neutral"], default="sibling")
+    parser.add_argument("--base", choices=["sibling", *BASE_CONTEXTS], default="sibling")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ stopped using go before the base of the answer just produced.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ Read = Callable[[int, int], KV]  # measured KV of the prompt's tokens [start, en
 class ReuseConfig:
     # the gate's limit in [0, 1]: the largest predicted relative error of a content's estimate
     # (token-matched offsets), or the paper's entropy gamma (placeholder="index")
-    threshold: float = 0.3
+    threshold: float = 0.2
     max_anchors: int = 20
     window: int = 5
     max_bytes: int = 1 << 30
@@ -73,6 +74,12 @@ class Reuse:
     end: int
     pieces: list[Piece]  # in prompt order, covering [start, end)
     decisions: list[GateDecision]  # one per estimated span
+
+    @property
+    def gate_statistic(self) -> float | None:
+        """The largest gate statistic over the spans (None where no span measured one)."""
+        measured = [d.statistic for d in self.decisions if not math.isnan(d.statistic)]
+        return max(measured) if measured else None
 
     @property
     def num_tokens(self) -> int:
@@ -190,7 +197,12 @@ class KVComm:
             else:
                 decision = decide_by_error(layout.content(j), pool, self.config.threshold)
             if not decision.shareable:
-                return Fallback(decision.reason.split(":")[0], f"span {j}: {decision.reason}")
+                measured = ""
+                if not math.isnan(decision.statistic):
+                    measured = f" {decision.statistic:.3f} > {decision.limit:.3f}"
+                return Fallback(
+                    decision.reason.split(":")[0], f"span {j}: {decision.reason}{measured}"
+                )
             chosen.append((j, base, pool, decision, dist))
 
         pieces = []

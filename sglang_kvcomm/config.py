@@ -27,7 +27,7 @@ class KVCommConfigError(ValueError):
 class KVCommConfig:
     """KVCOMM's serving knobs (paper defaults). Validated on construction."""
 
-    threshold: float = 0.3  # gamma: entropy gate, shareable if H <= gamma * log2(N)
+    threshold: float = 0.2  # the gate's limit (radix_anchor/gate.py)
     max_anchors: int = 20  # V: anchor pool capacity per placeholder
     window: int = 5  # W: eviction drops the least activated of the W oldest anchors
     max_memory_mb: int = 1024  # bound on base KV + anchors held per scheduler
@@ -97,9 +97,10 @@ _FLAGS = (
         "threshold",
         "--kvcomm-threshold",
         float,
-        "Entropy gate gamma in [0, 1]: a shared segment is reused when the "
-        "entropy of its anchor-match distribution is at most gamma * log2(#anchors); lower "
-        "is stricter.",
+        "The gate's limit in [0, 1]: a shared segment is reused when the relative error of "
+        "its estimate, predicted from the errors its pool measured on its own anchors, is at "
+        "most this (1: every warm pool reuses; lower is stricter). With "
+        "--kvcomm-placeholder index it is the paper's entropy gamma.",
     ),
     _Flag(
         "max_anchors", "--kvcomm-max-anchors", int, "Anchor pool capacity V per placeholder (>= 2)."

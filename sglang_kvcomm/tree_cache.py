@@ -204,7 +204,14 @@ class KVCommRadixCache(RadixCache):
             self._record(req, state, "dense", exact_len, outcome, started=started)
             return exact
         self._record(
-            req, state, "reuse", outcome.start, None, estimated=outcome.num_tokens, started=started
+            req,
+            state,
+            "reuse",
+            outcome.start,
+            None,
+            estimated=outcome.num_tokens,
+            started=started,
+            gate=outcome.gate_statistic,
         )
         return self._with_estimate(exact, state)
 
@@ -359,6 +366,7 @@ class KVCommRadixCache(RadixCache):
         fallback: Fallback | None,
         estimated: int = 0,
         started: float | None = None,
+        gate: float | None = None,
     ) -> None:
         state.report = {
             "decision": decision,
@@ -368,6 +376,7 @@ class KVCommRadixCache(RadixCache):
             "tokens_estimated": estimated,
             "tokens_prefilled": len(req.origin_input_ids) - exact - estimated,
             "agent": state.request.agent,
+            "gate_statistic": gate,  # of a reuse; a fallback's detail names it
             # host time of the decision (plan, estimate, pool write as launched)
             "overhead_ms": 0.0 if started is None else 1000 * (time.perf_counter() - started),
         }

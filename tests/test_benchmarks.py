@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from tasks import TASKS, extract_choice, extract_code, passes_tests
 from ttft import Exchange
 
@@ -52,3 +53,29 @@ def test_ttft_prompts_quote_the_shared_spans_behind_each_agents_prefix():
         pieces = [tokens[a:b] for a, b in zip(spans[::2], spans[1::2], strict=True)]
         assert pieces == shared[: agent + 1]
         assert tokens[-1:] == [6]  # the closing separator
+
+
+def test_paired_accuracy_difference_against_per_item_statistics():
+    """The paired CI from per-item differences (pstdev / sqrt(n)), the Wilson interval from its
+    textbook form; 7 items gained, 3 lost, 90 concordant."""
+    import math
+    import statistics
+
+    from accuracy import paired_difference
+
+    pairs = [(False, True)] * 7 + [(True, False)] * 3 + [(True, True)] * 40 + [(False, False)] * 50
+    records = [{"correct": {"dense": d, "kvcomm": k}} for d, k in pairs]
+    got = paired_difference(records)
+    diffs = [int(k) - int(d) for d, k in pairs]
+    mean, se = statistics.fmean(diffs), statistics.pstdev(diffs) / math.sqrt(len(diffs))
+    assert got["difference"] == mean == 0.04
+    assert got["difference_ci95"] == [
+        pytest.approx(mean - 1.96 * se, abs=1e-12),
+        pytest.approx(mean + 1.96 * se, abs=1e-12),
+    ]
+    p, n, z = 0.1, 100, 1.96
+    lo = (p + z**2 / (2 * n) - z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / (1 + z**2 / n)
+    hi = (p + z**2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / (1 + z**2 / n)
+    assert got["discordance"] == p
+    assert got["discordance_ci95"] == [pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12)]
+    assert (got["gained"], got["lost"]) == (7, 3)

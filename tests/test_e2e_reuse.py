@@ -3,8 +3,9 @@
 
 One module-scoped run does the work in a fixed order, the tests assert on its record:
 
-1. flush both servers; the program runs on the kvcomm server (3 agents ``approx``, the decision
-   agent ``exact``), each call recorded with the server's per-request report;
+1. flush both servers; the program runs on the kvcomm server (a canonical reader that gives each
+   question its base KV, 3 agents ``approx``, the decision agent ``exact``), each call recorded
+   with the server's per-request report;
 2. the stock server receives every call the kvcomm server prefilled densely, in the same order,
    so both radix trees hold the same exact KV (reused calls insert nothing);
 3. every reused call is replayed on both servers as ``exact`` and as a plain request (no kvcomm
@@ -57,7 +58,7 @@ def _agreement(a: list[int], b: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def run(servers):
-    from kvcomm_frontend import KVCommEndpoint, fully_connected
+    from kvcomm_frontend import CANONICAL_READER, KVCommEndpoint, fully_connected
     from sglang_kvcomm.assets.datasets import gsm8k
 
     kvcomm, stock = servers["kvcomm"].url, servers["stock"].url
@@ -68,7 +69,11 @@ def run(servers):
     endpoint = KVCommEndpoint(kvcomm)
     for problem in gsm8k(limit=QUESTIONS):
         fully_connected.run(
-            question=problem.question, max_tokens=64, decision_max_tokens=16, backend=endpoint
+            question=problem.question,
+            max_tokens=64,
+            decision_max_tokens=16,
+            base=CANONICAL_READER,
+            backend=endpoint,
         )
     calls = list(endpoint.calls)
     after_workload = _stats(kvcomm)
@@ -100,9 +105,11 @@ def run(servers):
     }
 
 
-def test_later_agents_reuse_after_warm_up(run):
+def test_every_agent_reuses_after_warm_up(run):
+    from kvcomm_frontend import CANONICAL_READER, MATH_ROLES
+
     calls = run["calls"]
-    assert len(calls) == 4 * QUESTIONS
+    assert len(calls) == 5 * QUESTIONS
     reports = [c.kvcomm for c in calls]
     assert all(r["agent"] == c.agent for r, c in zip(reports, calls, strict=True))
     for call, report in zip(calls, reports, strict=True):
@@ -117,6 +124,13 @@ def test_later_agents_reuse_after_warm_up(run):
 
     reused = [r for r in reports if r["decision"] == "reuse"]
     assert reused, [r["reason"] for r in reports]
+    # the reader is the first to see each question: it gives the base and never reuses; agent 1,
+    # whose prompt gave the base without the reader, reuses too
+    readers = [r for r in reports if r["agent"] == CANONICAL_READER.name]
+    assert len(readers) == QUESTIONS and all(
+        r["reason"] in {"no base KV", "prefix not cached"} for r in readers
+    )
+    assert {r["agent"] for r in reused} == {role.name for role in MATH_ROLES[:3]}
     # the final segment (the lead-in to the answer, at most --kvcomm-exact-final 64) is prefilled
     assert all(0 < r["tokens_prefilled"] <= 64 and r["tokens_estimated"] > 0 for r in reused)
 

@@ -112,6 +112,14 @@ CODE_DECISION = AgentRole(
 )
 
 
+# A reader before every agent (``fully_connected(base=...)``): its prefill gives the question the
+# base KV every agent's pool is measured against, so agent 1 reuses too (issue 13). Agent-like,
+# so the offsets stay as small as against a sibling agent's context.
+CANONICAL_READER = AgentRole(
+    "Canonical Reader", "You are a helpful assistant. Read the problem; others will solve it."
+)
+
+
 def agent_message(question: str, previous: list[tuple[str, str]]) -> str:
     """The user turn: the question and earlier answers, quoted verbatim as shared content."""
     parts = [f"Problem: {shared(question.strip())}"]
@@ -130,8 +138,19 @@ def fully_connected(
     max_tokens: int = 96,
     decision_max_tokens: int = 24,
     decision_mode: str = "exact",
+    base: AgentRole | None = None,
 ) -> list[dict]:
-    """Returns one record per agent (role, answer, the server's and client's meta info)."""
+    """Returns one record per agent (role, answer, the server's and client's meta info).
+
+    ``base``: a role whose one-token call reads the question first (``CANONICAL_READER``), so
+    that the question's base KV comes from a fixed context instead of agent 1's prompt; its
+    call is the paper's "Others" cost and is not in the records."""
+    if base is not None:
+        reader = s.fork(1)[0]
+        reader += sgl.system(agent(base.name) + base.system_prompt)
+        reader += sgl.user(agent_message(question, []))
+        reader += sgl.assistant(sgl.gen("read", max_tokens=1, temperature=0))
+        reader["read"]  # blocks: the agents are planned against its base
     agents = s.fork(len(roles))
     answers: list[tuple[str, str]] = []
     records = []
