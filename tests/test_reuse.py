@@ -10,7 +10,7 @@ import torch
 
 from radix_anchor.anchor_pool import KV
 from radix_anchor.base_store import BaseStore
-from radix_anchor.estimate import estimate
+from radix_anchor.estimate import estimate, held_out_error
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import Fallback, KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import RopeSpec, rotate
@@ -281,3 +281,26 @@ def test_reuse_on_smollm2_is_close_to_dense_prefill(hf_models):
     assert engine.plan(layout, len(agent) - 1, end) == Fallback(
         "prefix not cached", f"exact match {len(agent) - 1} < first shared span at {len(agent)}"
     )
+
+
+def test_anchors_record_the_pools_error_and_the_gate_refuses_above_the_threshold():
+    """The first anchor of a pool joins an empty pool (nothing to measure); the next records
+    ``held_out_error`` against the pool it joined. A threshold below the prediction refuses,
+    naming it; the default plan reports the prediction it passed."""
+    contents = _contents(6)
+    engine = KVComm(ROPE, PAPER)
+    _teach(engine, contents[0], contents[1], seed=1)
+    _teach(engine, contents[2], contents[3], seed=2)
+    layout = _layout(contents[4], contents[5], prefix=SIBLING)
+    _observe(engine, layout, seed=3)  # the new contents' bases
+    layout = _layout(contents[4], contents[5])
+    for j in range(2):
+        first, second = engine.anchors.get(engine.pool_key(layout, j))
+        assert first.error is None
+        torch.testing.assert_close(second.error, held_out_error(second, [first]), equal_nan=True)
+    reuse = engine.plan(layout, layout.spans[0][0], len(layout.tokens) - 1)
+    assert isinstance(reuse, Reuse) and 0 < reuse.gate_statistic <= 1
+    strict = KVComm(ROPE, ReuseConfig(threshold=reuse.gate_statistic / 2, exact_final=0))
+    strict.bases, strict.anchors = engine.bases, engine.anchors
+    refused = strict.plan(layout, layout.spans[0][0], len(layout.tokens) - 1)
+    assert refused.reason == "predicted error" and " > " in refused.detail
