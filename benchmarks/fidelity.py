@@ -25,9 +25,9 @@ equal). Variants, in one run:
 ``--base neutral`` gives each question its base from one prefill behind ``<|im_start|>user\\n``
 instead (the paper's setting; agent 1 can then reuse too); ``--base canonical`` behind the
 frontend's canonical reader (an agent-like system prompt and the agents' header), as
-``fully_connected(base=CANONICAL_READER)`` does on the server. The gate is logged for every scored
-call (entropy, its limit, the server's decision) with the call's KL: the AUC says how well the
-gate's statistic ranks calls by error.
+``fully_connected(base=CANONICAL_READER)`` does on the server. Three gate statistics are logged
+for every scored call (``GATE_STATISTICS``) with the call's KL: their AUCs say how well each
+ranks calls by error.
 
     python benchmarks/fidelity.py --model qwen2.5-coder-0.5b --questions 24
     python benchmarks/fidelity.py --model smollm2 --questions 24 --base neutral
@@ -115,6 +115,8 @@ class Harness:
         self.response_len = response
         self.free = free
         self.base = base
+        # the tokens a question's base is computed behind (None: agent 1's prompt)
+        self.base_context = None if base == "sibling" else model.encode(BASE_CONTEXTS[base])
         self.engine = KVComm(model.rope)  # the server's: gate at its default threshold
         self.planners = {name: self._sharing(cfg) for name, cfg in ESTIMATED.items()}
         self.prefixes = [
@@ -135,8 +137,8 @@ class Harness:
     def question(self, text: str) -> tuple[list[Call], list[dict]]:
         """Run the program on one question; returns its calls and one record per call."""
         q = self.m.encode(text)
-        if self.base != "sibling":
-            context = self.m.encode(BASE_CONTEXTS[self.base])
+        context = self.base_context
+        if context is not None:
             kv = self.m.prefill(context + q).kv.tokens(slice(len(context), None))
             base = KV(rotate(kv.k, -len(context), self.m.rope), kv.v.clone())
             self.engine.bases.put(tuple(q), base, origin=(self.base,))
@@ -158,9 +160,7 @@ class Harness:
     def _call(self, a: int, q: list[int], answers: list[tuple[list[int], int]]) -> Call:
         tokens = list(self.prefixes[a])
         spans, base_at = [], []
-        q_at = len(self.prefixes[0])
-        if self.base != "sibling":
-            q_at = len(self.m.encode(BASE_CONTEXTS[self.base]))
+        q_at = len(self.prefixes[0] if self.base_context is None else self.base_context)
         for j, (ids, at) in enumerate([(q, q_at), *answers]):
             if j:
                 tokens += self.m.encode(BEFORE_ANSWER.format(j))
@@ -214,7 +214,8 @@ class Harness:
             content = layout.content(j)
             pool = list(self.engine.anchors.get(self.engine.pool_key(layout, j)) or ())
             stats["predicted error"].append(decide_by_error(content, pool, 1.0).statistic)
-            stats["unmatched share"].append(1 - float(matched_tokens(content, pool).float().mean()))
+            matched = matched_tokens(torch.tensor(content), pool).float().mean()
+            stats["unmatched share"].append(1 - float(matched))
             paper = decide(self.engine.bases.get(content).v, pool, 1.0)
             ratio = paper.statistic / paper.limit if paper.limit else 0.0
             stats["entropy / limit"].append(0.0 if math.isnan(ratio) else ratio)

@@ -231,11 +231,10 @@ def token_matched_offset(content_ids: Sequence[int], anchors: Sequence[Anchor], 
     return KV(*out)
 
 
-def matched_tokens(content_ids: Sequence[int], anchors: Sequence[Anchor]) -> torch.Tensor:
-    """Which of a content's tokens take a same-token offset: ids some anchor holds, [T] bool."""
-    device = anchors[0].ph_offset.k.device if anchors else torch.device("cpu")
-    ids = torch.tensor(content_ids, dtype=torch.int64, device=device)
-    held = [a.content_id_tensor(device) for a in anchors if a.content_ids]
+def matched_tokens(ids: torch.Tensor, anchors: Sequence[Anchor]) -> torch.Tensor:
+    """Which of a content's tokens (``ids``, int64 ``[T]``) take a same-token offset: the ids
+    some anchor holds, ``[T]`` bool on ``ids``' device."""
+    held = [a.content_id_tensor(ids.device) for a in anchors if a.content_ids]
     if not held:
         return torch.zeros_like(ids, dtype=torch.bool)
     return torch.isin(ids, torch.cat(held))
@@ -257,7 +256,7 @@ def held_out_error(anchor: Anchor, others: Sequence[Anchor]) -> torch.Tensor:
         offset = offset[1:].float()
         err += (guess[1:] - offset).square().sum((0, 2, 3))
         ref += (base[1:].float() + offset).square().sum((0, 2, 3))
-    matched = matched_tokens(anchor.content_ids, others)
+    matched = matched_tokens(anchor.content_id_tensor(err.device), others)
     classes = torch.stack([matched, ~matched]).float()  # [2, T]
     return ((classes @ err) / (classes @ ref)).sqrt()
 

@@ -59,7 +59,7 @@ def decide_by_error(
         return GateDecision(False, f"warm-up: {held}, need {min_anchors}", anchors=list(anchors))
     ids = torch.tensor(content_ids, dtype=torch.int64, device=measured[0].device)
     shares = torch.stack([torch.isin(a.content_id_tensor(ids.device), ids).sum() for a in anchors])
-    matched = matched_tokens(content_ids, anchors).float().mean()
+    matched = matched_tokens(ids, anchors).float().mean()
     host = torch.cat([torch.stack(measured).nanmean(0), matched[None], shares.float()]).cpu()
     e_matched, e_other, share = (float(x) for x in host[:3])
     e_matched = e_other if math.isnan(e_matched) else e_matched
