@@ -24,7 +24,7 @@ import requests
 
 pytestmark = pytest.mark.e2e
 
-QUESTIONS = 8
+QUESTIONS = 6
 GREEDY_TOKENS = 32
 # SmolLM2 in the fidelity harness (benchmarks/RESULTS.md, "Fidelity of estimated KV vs dense
 # prefill"): the full estimate's 32-token greedy agreement with dense prefill is 0.50.
@@ -44,6 +44,8 @@ def _post(url: str, body: dict) -> dict:
 def _with_logprobs(body: dict, mode: str | None) -> dict:
     body = copy.deepcopy(body)
     body["return_logprob"] = True
+    # only the first GREEDY_TOKENS are compared: a longer replay costs CI time and asserts nothing
+    body["sampling_params"]["max_new_tokens"] = GREEDY_TOKENS
     if mode is None:
         del body["sampling_params"]["custom_params"]
     else:
@@ -70,7 +72,7 @@ def run(servers):
     for problem in gsm8k(limit=QUESTIONS):
         fully_connected.run(
             question=problem.question,
-            max_tokens=64,
+            max_tokens=48,
             decision_max_tokens=16,
             base=CANONICAL_READER,
             backend=endpoint,
