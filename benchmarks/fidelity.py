@@ -48,11 +48,12 @@ from hf_kv import HFModel, concat
 from report import format_table
 
 from radix_anchor.anchor_pool import KV
-from radix_anchor.estimate import EstimateOptions, matched_tokens
+from radix_anchor.estimate import EstimateOptions
 from radix_anchor.gate import decide, decide_by_error
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import rotate
+from radix_anchor.token_index import TokenIndex
 from sglang_kvcomm.assets.datasets import gsm8k
 from sglang_kvcomm.assets.models import model_dir
 
@@ -214,7 +215,7 @@ class Harness:
             content = layout.content(j)
             pool = list(self.engine.anchors.get(self.engine.pool_key(layout, j)) or ())
             stats["predicted error"].append(decide_by_error(content, pool, 1.0).statistic)
-            matched = matched_tokens(torch.tensor(content), pool).float().mean()
+            matched = TokenIndex(pool).matched(content).mean() if pool else 0.0
             stats["unmatched share"].append(1 - float(matched))
             paper = decide(self.engine.bases.get(content).v, pool, 1.0)
             ratio = paper.statistic / paper.limit if paper.limit else 0.0

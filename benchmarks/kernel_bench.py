@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,10 +28,11 @@ import torch
 
 import kvcomm_kernels
 from radix_anchor.anchor_pool import KV
-from radix_anchor.estimate import Recipe
+from radix_anchor.estimate import EstimateOptions, Recipe
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.reuse import KVComm, Reuse, ReuseConfig
 from radix_anchor.rope import RopeSpec
+from radix_anchor.token_index import dense_taps
 from sglang_kvcomm.kv_pool import PoolKV
 
 LAYERS, HEADS, DIM = 32, 8, 128
@@ -88,12 +90,14 @@ def pool(slots: int, dtype: torch.dtype) -> SimpleNamespace:
 
 
 def content_recipe(tokens: int, anchors: int, dtype: torch.dtype) -> Recipe:
+    """The paper's estimate: every anchor at every token's index (dense taps)."""
     follows = [kv(1, dtype)]
-    w = torch.softmax(torch.randn(anchors, tokens, device="cuda"), 0)
+    w = torch.softmax(torch.randn(anchors, tokens, device="cuda"), 0).t().reshape(-1)
     fk = torch.ones(1, LAYERS, HEADS, DIM, device="cuda")
     return Recipe(
         kv(tokens, dtype),
         [kv(tokens, dtype) for _ in range(anchors)],
+        dense_taps(anchors, tokens),
         w,
         w.clone(),
         follows,
@@ -108,14 +112,22 @@ def backends(names: list[str]):  # noqa: ANN201
         yield name
 
 
-def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayout]:
+def agent5_engine(
+    dtype: torch.dtype, anchors: int, placeholder: str
+) -> tuple[KVComm, PromptLayout]:
     """A pool warmed with ``anchors`` dense observations of the agent-5 template, and a new
     prompt whose contents all have base KV."""
     fixed = [list(range(1, 513)), [7] * 8, [8] * 8, [9] * 8, [10] * 8, [11] * 16]
     lengths = [1024, 512, 512, 512, 512]
     engine = KVComm(
         ROPE,
-        ReuseConfig(threshold=1.0, max_anchors=max(anchors, 2), max_bytes=1 << 40),
+        ReuseConfig(
+            threshold=1.0,
+            max_anchors=max(anchors, 2),
+            window=min(5, max(anchors, 2)),
+            max_bytes=1 << 40,
+            estimate=EstimateOptions(placeholder=placeholder),
+        ),
         distances=kvcomm_kernels.anchor_distances,
     )  # as the server
 
@@ -129,6 +141,8 @@ def agent5_engine(dtype: torch.dtype, anchors: int) -> tuple[KVComm, PromptLayou
 
     for seed in range(anchors):
         layout = prompt(seed)
+        for j, (start, end) in enumerate(layout.spans):  # bases, as an earlier decode's
+            engine.observe_output(layout.content(j), kv(end - start, dtype), start)
         measured = kv(len(layout.tokens), dtype)
         engine.observe_prefill(layout, lambda a, b, m=measured: m.tokens(slice(a, b)))
     new = prompt(anchors + 1)
@@ -181,47 +195,70 @@ def sweep_apply(
 def stitch_agent5(
     anchors: int, names: list[str], dtype: torch.dtype, profile: bool = False
 ) -> list[dict]:
-    engine, layout = agent5_engine(dtype, anchors)
+    """Plan + write of the agent-5 prompt per placeholder estimate and backend: the wall time
+    (CUDA events around 10 back-to-back stitches) and the host time of one stitch (returned
+    as launched, nothing waited for)."""
     kv_pool = PoolKV(pool(8192, dtype))
-    end = len(layout.tokens) - 1
-    slots = torch.randperm(8192, device="cuda")[: end - layout.spans[0][0]]
-
-    def full() -> Reuse:
-        plan = engine.plan(layout, layout.spans[0][0], end)
-        kv_pool.write(plan, slots, ROPE)
-        return plan
-
     stitch = []
-    for name in backends(names):
-        plan = full()
-        ms_full = cuda_ms(full, repeat=10)
-        ms_write = cuda_ms(lambda p=plan: kv_pool.write(p, slots, ROPE), repeat=10)
-        if profile:
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as torch_profile
+    for placeholder in ("token", "index"):
+        engine, layout = agent5_engine(dtype, anchors, placeholder)
+        end = len(layout.tokens) - 1
+        slots = torch.randperm(8192, device="cuda")[: end - layout.spans[0][0]]
 
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    full()
+        def full(e: KVComm = engine, lay: PromptLayout = layout, s: torch.Tensor = slots) -> Reuse:
+            plan = e.plan(lay, lay.spans[0][0], len(lay.tokens) - 1)
+            if not isinstance(plan, Reuse):
+                raise RuntimeError(f"the agent-5 prompt did not plan a reuse: {plan}")
+            kv_pool.write(plan, s[: plan.num_tokens], ROPE)
+            return plan
+
+        for name in backends(names):
+            plan = full()
+            ms_full = cuda_ms(full, repeat=10)
+            ms_write = cuda_ms(
+                lambda p=plan, s=slots: kv_pool.write(p, s[: p.num_tokens], ROPE), repeat=10
+            )
+            host = []
+            for _ in range(10):
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-        stitch.append(
-            {
+                started = time.perf_counter()
+                full()
+                host.append(1000 * (time.perf_counter() - started))
+            torch.cuda.synchronize()
+            if profile and name == "triton":  # where the host time of a stitch goes
+                import cProfile
+                import pstats
+
+                profiler = cProfile.Profile()
+                profiler.runcall(lambda: [full() for _ in range(20)])
+                torch.cuda.synchronize()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+                import warnings
+
+                with warnings.catch_warnings(record=True) as syncs:  # each host sync, by line
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    full()
+                    torch.cuda.set_sync_debug_mode("default")
+                for w in syncs:
+                    print(f"host sync: {w.filename}:{w.lineno}: {str(w.message)[:80]}")
+            row = {
+                "placeholder": placeholder,
                 "backend": name,
                 "prompt tokens": len(layout.tokens),
                 "estimated tokens": plan.num_tokens,
                 "anchors": anchors,
                 "plan+write ms": ms_full,
+                "host ms": sorted(host)[len(host) // 2],
                 "write ms": ms_write,
             }
-        )
-        print(
-            f"agent-5 stitch ({len(layout.tokens)} tokens, {plan.num_tokens} estimated, "
-            f"{anchors} anchors) {name}: plan+write {ms_full:.2f} ms, write "
-            f"{ms_write:.2f} ms",
-            flush=True,
-        )
+            stitch.append(row)
+            print(
+                f"agent-5 stitch ({row['prompt tokens']} tokens, {plan.num_tokens} estimated, "
+                f"{anchors} anchors, {placeholder}) {name}: plan+write {ms_full:.2f} ms, host "
+                f"{row['host ms']:.2f} ms, write {ms_write:.2f} ms",
+                flush=True,
+            )
     return stitch
 
 
@@ -232,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--agent5-anchors", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["torch", "triton"])
-    parser.add_argument("--profile", action="store_true", help="torch-profile the agent-5 plan")
+    parser.add_argument("--profile", action="store_true", help="cProfile agent-5 stitches")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA device", file=sys.stderr)
@@ -257,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['tokens']:6d}  {r['anchors']:7d}  {r['backend']:7s} {r['ms']:6.3f} "
             f"{r['GB/s']:6.0f}  {r['of copy bw']:9.1%}"
+        )
+    print("\nagent-5 stitch  placeholder  backend  plan+write ms  host ms  write ms")
+    for r in stitch:
+        print(
+            f"{'':15s} {r['placeholder']:11s}  {r['backend']:7s}  {r['plan+write ms']:13.2f}  "
+            f"{r['host ms']:7.2f}  {r['write ms']:8.2f}"
         )
     return 0
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from radix_anchor.rope import RopeSpec, rotate
+from radix_anchor.token_index import TokenIndex
+from radix_anchor.transfer import HostReading
 
 
 @dataclass(eq=False)
@@ -56,7 +58,7 @@ class Anchor:
     ``base`` (same length). ``following``: measured KV of the fixed segment after the content,
     with ``following_ids`` its token ids (only anchors whose following segment matches a
     request's contribute to its estimate). ``error``: ``estimate.held_out_error`` against the
-    pool it joined (None: it joined an empty pool, or its ids are unknown).
+    pool it joined, read to the host (None: it joined an empty pool).
     """
 
     base: KV
@@ -68,8 +70,7 @@ class Anchor:
     context: Hashable = None  # the observed prompt up to the end of ``following``, if known
     content_ids: tuple[int, ...] = ()  # empty: unknown (token-matched offsets skip the anchor)
     # the pool's estimate of this content when it joined, relative error [matched, other tokens]
-    error: torch.Tensor | None = None
-    _ids: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    error: HostReading | None = None
 
     def __post_init__(self) -> None:
         if self.ph_offset.k.shape != self.base.k.shape:
@@ -120,14 +121,6 @@ class Anchor:
     def nbytes(self) -> int:
         return self.base.nbytes + self.ph_offset.nbytes + self.following.nbytes
 
-    def content_id_tensor(self, device: torch.device) -> torch.Tensor:
-        """``content_ids`` as int64 on ``device``, copied there once."""
-        cached = self._ids.get(device)
-        if cached is None:
-            cached = torch.tensor(self.content_ids, dtype=torch.int64, device=device)
-            self._ids[device] = cached
-        return cached
-
 
 def covering(anchors: Iterable[Anchor], length: int) -> list[Anchor]:
     """The anchors at least ``length`` tokens long: only they can cover a content that long."""
@@ -145,6 +138,20 @@ class AnchorPool:
         self.capacity = capacity
         self.window = window
         self._anchors: list[Anchor] = []
+        self._index: TokenIndex | None = None
+
+    def token_index(self) -> TokenIndex:
+        """Where the pooled anchors hold each token id; rebuilt after the pool changes."""
+        if self._index is None:
+            self._index = TokenIndex(self._anchors)
+        return self._index
+
+    def cached_kvs(self) -> list[KV]:
+        """KV derived from the anchors and cached with the token index (memory budgets count
+        it); dropped when the pool changes."""
+        index = self._index
+        means = () if index is None else (index.index_mean, index.pool_mean)
+        return [kv for kv in means if kv is not None]
 
     def __len__(self) -> int:
         return len(self._anchors)
@@ -165,6 +172,7 @@ class AnchorPool:
         """Insert ``anchor``; returns the evicted anchor when the pool was full."""
         evicted = self.evict() if len(self._anchors) >= self.capacity else None
         self._anchors.append(anchor)
+        self._index = None
         return evicted
 
     def evict(self) -> Anchor | None:
@@ -174,6 +182,7 @@ class AnchorPool:
         oldest = self._anchors[: self.window]
         evicted = min(oldest, key=lambda a: a.activations)  # min keeps the first (oldest) tie
         self._anchors.remove(evicted)
+        self._index = None
         return evicted
 
     def compatible(self, length: int) -> list[Anchor]:

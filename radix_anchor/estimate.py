@@ -3,7 +3,7 @@
 For content with base KV (position-0 frame) placed at positions ``start .. start + T - 1``:
 
 - content: ``K = R(start) [K_base + dK]``, ``V = V_base + dV``. The placeholder offset ``dK, dV``
-  of each token is by default token-matched (``token_matched_offset``): the mean offset of the
+  of each token is by default token-matched (``token_taps``): the mean offset of the
   same token id over the pool's anchors, else of the same index, else of every pooled token;
   the paper's estimate, ``sum_n w_n dK_n`` with per-token weights over the anchors at least as
   long as the content (``matching.placeholder_weights``), is ``placeholder="index"``. An offline
@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radix_anchor.anchor_pool import KV, Anchor, covering
@@ -37,6 +38,7 @@ from radix_anchor.matching import (
     softmax_weights,
 )
 from radix_anchor.rope import RopeSpec, rotate
+from radix_anchor.token_index import Taps, TokenIndex, dense_taps
 
 PLACEHOLDER_ESTIMATES = ("token", "index")
 
@@ -69,15 +71,17 @@ class Recipe:
     """What an estimate is made of, before any arithmetic on KV: the torch ``apply`` below and
     the fused kernels (``kvcomm_kernels``) both execute it.
 
-    content (T tokens) = base + sum_n wk[n, t] * offsets[n][:, t] (layers >= 1; layer 0 = base);
-    following (S tokens) = sum_n fk[n, l, h, d] * follows[n][l, s, h, d] (every layer; layer 0's
-    weights are one-hot on ``follows[0]``, whose layer 0 is exact). Keys get the RoPE shift to
-    their positions after the blend (rotation is linear). V likewise with wv / fv, unrotated.
+    content (T tokens) = base + sum over token t's taps j of wk[j] * offsets[source[j]][:, row[j]]
+    (layers >= 1; layer 0 = base; ``token_index.Taps``); following (S tokens) = sum_n fk[n, l,
+    h, d] * follows[n][l, s, h, d] (every layer; layer 0's weights are one-hot on ``follows[0]``,
+    whose layer 0 is exact). Keys get the RoPE shift to their positions after the blend
+    (rotation is linear). V likewise with wv / fv, unrotated.
     """
 
     base: KV  # [L, T, H, D], position-0 frame
-    offsets: list[KV]  # anchors' placeholder offsets, [L, >=T, H, D] each (empty: none)
-    wk: torch.Tensor | None  # [N, T] float32
+    offsets: list[KV]  # the taps' sources, [L, rows, H, D] each (empty: no placeholder offset)
+    taps: Taps | None
+    wk: torch.Tensor | None  # [nnz] float32, per tap
     wv: torch.Tensor | None
     follows: list[KV]  # [L, S, H, D] each, position-0 frame
     fk: torch.Tensor  # [N', L, H, D] float32
@@ -129,10 +133,12 @@ def weigh(
     following_base: KV | None = None,
     distances: Distances | None = None,
     content_ids: Sequence[int] = (),
+    index: TokenIndex | None = None,
 ) -> Recipe:
     """Choose the anchors and their weights for ``base``'s content (see ``estimate``).
 
-    ``distances``: to the anchors that cover the content, in order, if already computed."""
+    ``distances``: to the anchors that cover the content, in order, if already computed;
+    ``index``: ``TokenIndex(anchors)``, if already built (the pool caches it)."""
     length = base.num_tokens
     usable = covering(anchors, length)
     following_ids = tuple(following_ids)
@@ -142,16 +148,17 @@ def weigh(
     if usable and needs_distances and distances is None:
         distances = anchor_distances(base, [a.base for a in usable])
     tau, top_k = options.tau, options.top_k
-    offsets, wk, wv = [], None, None
+    offsets, taps, wk, wv = [], None, None, None
     if options.placeholder_offset and by_index and usable:
         offsets = [a.ph_offset for a in usable]
-        wk = softmax_weights(distances.placeholder_k, tau, top_k)
-        wv = softmax_weights(distances.placeholder_v, tau, top_k)
+        taps = dense_taps(len(usable), length)
+        wk, wv = (  # [N, T] -> token-major taps
+            softmax_weights(d, tau, top_k).t().reshape(-1)
+            for d in (distances.placeholder_k, distances.placeholder_v)
+        )
     elif options.placeholder_offset and not by_index and anchors:
-        offset = token_matched_offset(content_ids, anchors, length)
-        offsets = [KV(offset.k.to(base.k.dtype), offset.v.to(base.v.dtype))]
-        wk = torch.ones((1, length), dtype=torch.float32, device=base.k.device)
-        wv = wk
+        offsets, taps = token_taps(content_ids, anchors, length, index)
+        wk = wv = torch.from_numpy(taps.weight)
 
     if options.following_offset and with_following:
         follows = [usable[i].following for i in with_following]
@@ -179,75 +186,90 @@ def weigh(
         fv = fk.clone()
     else:
         raise ValueError("no anchor has this following segment and no following_base was given")
-    return Recipe(base, offsets, wk, wv, follows, fk, fv)
+    return Recipe(base, offsets, taps, wk, wv, follows, fk, fv)
 
 
-def token_matched_offset(content_ids: Sequence[int], anchors: Sequence[Anchor], length: int) -> KV:
-    """The placeholder offset of each of a content's ``length`` tokens, float32, position-0
-    frame: the mean offset of the same token id over ``anchors`` (every occurrence counts);
-    for an id no anchor holds, the mean over the anchors at the same index; past every anchor,
-    the mean over all their tokens. Runs on the anchors' device without a host sync."""
-    if not anchors:
-        raise ValueError("no anchors to take offsets from")
-    if content_ids and len(content_ids) != length:
-        raise ValueError(f"{len(content_ids)} content ids for {length} tokens")
+def token_taps(
+    content_ids: Sequence[int],
+    anchors: Sequence[Anchor],
+    length: int,
+    index: TokenIndex | None = None,
+) -> tuple[list[KV], Taps]:
+    """Token-matched placeholder offsets of a content of ``length`` tokens as taps
+    (``TokenIndex.taps``): the sources, and the taps. The mean of the same token id over the
+    pool (every occurrence counts); for an id no anchor holds, the mean over the anchors at the
+    same index; past every anchor, the mean over all their tokens. The two means are computed
+    once per pool state (cached on ``index``) in the anchors' dtype, so a token costs the
+    kernel one row, not one per anchor."""
+    index = index or TokenIndex(anchors)
+    taps = index.taps(content_ids, length)
+    pool_means(index, anchors, everything=taps.pool_mean)
+    sources = [a.ph_offset for a in anchors] + [index.index_mean]
+    return sources + [index.pool_mean] if taps.pool_mean else sources, taps
+
+
+def pool_means(index: TokenIndex, anchors: Sequence[Anchor], everything: bool = False) -> None:
+    """Cache on ``index`` the anchors' mean offset at each index (and with ``everything``, over
+    every token), unless there already: the engine calls it when a pool changes, so a plan
+    finds them made."""
+    if index.index_mean is None:
+        index.index_mean = _pooled(anchors, by_index=True)
+    if everything and index.pool_mean is None:
+        index.pool_mean = _pooled(anchors, by_index=False)
+
+
+def _pooled(anchors: Sequence[Anchor], by_index: bool) -> KV:
+    """The anchors' mean offset at each index (over those long enough), or over every token."""
+    dtype, longest = anchors[0].ph_offset.k.dtype, max(a.length for a in anchors)
     first = anchors[0].ph_offset.k
-    layers, heads, dim = first.shape[0], first.shape[2], first.shape[3]
-    device, f32 = first.device, torch.float32
-    ids = torch.tensor(content_ids or [-1] * length, dtype=torch.int64, device=device)
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    by_token = [torch.zeros(layers, len(uniq), heads, dim, dtype=f32, device=device) for _ in "kv"]
-    token_n = torch.zeros(len(uniq), dtype=f32, device=device)
-    by_index = [torch.zeros(layers, length, heads, dim, dtype=f32, device=device) for _ in "kv"]
-    index_n = torch.zeros(length, dtype=f32, device=device)
-    for anchor in anchors:
-        offset = tuple(t.to(f32) for t in _offset(anchor))
-        n = min(anchor.length, length)
-        for acc, part in zip(by_index, offset, strict=True):
-            acc[:, :n] += part[:, :n]
-        index_n[:n] += 1
-        if not content_ids or not anchor.content_ids:
-            continue
-        theirs = anchor.content_id_tensor(device)
-        slot = torch.searchsorted(uniq, theirs).clamp_max(len(uniq) - 1)
-        hit = (uniq[slot] == theirs).to(f32)  # ids the content does not hold add nothing
-        for acc, part in zip(by_token, offset, strict=True):
-            acc.index_add_(1, slot, part * hit[None, :, None, None])
-        token_n.index_add_(0, slot, hit)
-    count = token_n[inverse]
-    matched = (count > 0)[None, :, None, None]
-    indexed = (index_n > 0)[None, :, None, None]
-    past_every_anchor = length > max(a.length for a in anchors)
-    out = []
-    for part, token_acc, index_acc in zip((0, 1), by_token, by_index, strict=True):
-        same_token = token_acc[:, inverse] / count.clamp_min(1)[None, :, None, None]
-        same_index = index_acc / index_n.clamp_min(1)[None, :, None, None]
-        estimate = torch.where(matched, same_token, same_index)
-        if past_every_anchor:
-            pooled = sum(_offset(a)[part].to(f32).sum(1, keepdim=True) for a in anchors)
-            mean = pooled / sum(a.length for a in anchors)
-            estimate = torch.where(matched | indexed, estimate, mean)
-        out.append(estimate)
-    return KV(*out)
+    rows = longest if by_index else 1
+    shape = (first.shape[0], rows, *first.shape[2:])
+    sums = [torch.zeros(shape, dtype=torch.float32, device=first.device) for _ in "kv"]
+    count = torch.zeros(rows, dtype=torch.float32, device=first.device)
+    for a in anchors:
+        for acc, part in zip(sums, _offset(a), strict=True):
+            if by_index:
+                acc[:, : a.length] += part.float()
+            else:
+                acc += part.float().sum(1, keepdim=True)
+        count[: a.length if by_index else 1] += 1 if by_index else a.length
+    return KV(*(acc.div_(count[None, :, None, None]).to(dtype) for acc in sums))
 
 
-def matched_tokens(ids: torch.Tensor, anchors: Sequence[Anchor]) -> torch.Tensor:
-    """Which of a content's tokens (``ids``, int64 ``[T]``) take a same-token offset: the ids
-    some anchor holds, ``[T]`` bool on ``ids``' device."""
-    held = [a.content_id_tensor(ids.device) for a in anchors if a.content_ids]
-    if not held:
-        return torch.zeros_like(ids, dtype=torch.bool)
-    return torch.isin(ids, torch.cat(held))
+def tap_sum(
+    taps: Taps, sources: Sequence[KV], wk: torch.Tensor, wv: torch.Tensor, length: int
+) -> KV:
+    """The taps' weighted sums for the first ``length`` tokens, float32 ``[L, T, H, D]``
+    (the torch reference: one gather per source)."""
+    first = sources[0].k
+    shape = (first.shape[0], length, *first.shape[2:])
+    device = first.device
+    out = KV(*(torch.zeros(shape, dtype=torch.float32, device=device) for _ in "kv"))
+    live = np.nonzero(taps.tokens < length)[0]
+    tokens, source, row = taps.tokens[live], taps.source[live], taps.row[live]
+    wk, wv = (w.to(device)[torch.from_numpy(live).to(device)] for w in (wk, wv))
+    for s in np.unique(source):
+        sel = np.nonzero(source == s)[0]
+        at, rows, j = (torch.from_numpy(x).to(device) for x in (tokens[sel], row[sel], sel))
+        for acc, part, w in ((out.k, sources[s].k, wk), (out.v, sources[s].v, wv)):
+            acc.index_add_(1, at, part[:, rows].float() * w[j][None, :, None, None])
+    return out
 
 
-def held_out_error(anchor: Anchor, others: Sequence[Anchor]) -> torch.Tensor:
+def held_out_error(
+    anchor: Anchor, others: Sequence[Anchor], index: TokenIndex | None = None
+) -> torch.Tensor:
     """The relative error of the token-matched estimate of ``anchor``'s content from ``others``:
     ||estimated - measured|| / ||measured|| over layers >= 1, keys and values together, for the
-    tokens ``matched_tokens`` finds and for the rest; float32 ``[2]`` (NaN for a class with no
-    token) on the anchor's device, no host sync. Taken when an anchor joins its pool, it is the
-    error a reuse of that content would have made: the gate predicts from it (``gate.py``)."""
+    tokens with a same-id match in ``others`` and for the rest; float32 ``[2]`` (NaN for a class
+    with no token) on the anchor's device, no host sync. Taken when an anchor joins its pool, it
+    is the error a reuse of that content would have made: the gate predicts from it
+    (``gate.py``). ``index``: ``TokenIndex(others)``, if built."""
     length = anchor.length
-    est = token_matched_offset(anchor.content_ids, others, length)
+    index = index or TokenIndex(others)
+    sources, taps = token_taps(anchor.content_ids, others, length, index)
+    weight = torch.from_numpy(taps.weight)
+    est = tap_sum(taps, sources, weight, weight, length)
     err = torch.zeros(length, dtype=torch.float32, device=est.k.device)
     ref = torch.zeros_like(err)
     for guess, offset, base in zip(
@@ -256,7 +278,10 @@ def held_out_error(anchor: Anchor, others: Sequence[Anchor]) -> torch.Tensor:
         offset = offset[1:].float()
         err += (guess[1:] - offset).square().sum((0, 2, 3))
         ref += (base[1:].float() + offset).square().sum((0, 2, 3))
-    matched = matched_tokens(anchor.content_id_tensor(err.device), others)
+    if anchor.content_ids:
+        matched = torch.from_numpy(index.matched(anchor.content_ids)).to(err.device)
+    else:
+        matched = torch.zeros(length, dtype=torch.bool, device=err.device)
     classes = torch.stack([matched, ~matched]).float()  # [2, T]
     return ((classes @ err) / (classes @ ref)).sqrt()
 
@@ -270,9 +295,9 @@ def apply(recipe: Recipe, start: int, rope: RopeSpec) -> Estimate:
     right after it."""
     base, length = recipe.base, recipe.length
     content_k, content_v = base.k.float(), base.v.float()
-    if recipe.offsets:
-        content_k = content_k + blend(recipe.wk, [o.k[:, :length] for o in recipe.offsets])
-        content_v = content_v + blend(recipe.wv, [o.v[:, :length] for o in recipe.offsets])
+    if recipe.taps is not None:
+        offset = tap_sum(recipe.taps, recipe.offsets, recipe.wk, recipe.wv, length)
+        content_k, content_v = content_k + offset.k, content_v + offset.v
         content_k[0], content_v[0] = base.k[0], base.v[0]
     follow_k = blend(recipe.fk, [f.k for f in recipe.follows])
     follow_v = blend(recipe.fv, [f.v for f in recipe.follows])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from radix_anchor.anchor_pool import Anchor, covering
-from radix_anchor.estimate import matched_tokens
+from radix_anchor.token_index import TokenIndex
 
 
 @dataclass
@@ -47,30 +47,37 @@ def decide_by_error(
     anchors: Sequence[Anchor],
     threshold: float,
     *,
+    index: TokenIndex | None = None,
     top_p: float = 0.9,
     min_anchors: int = 2,
 ) -> GateDecision:
-    """``content_ids``: the content's token ids; ``anchors``: its pool. One host read.
+    """``content_ids``: the content's token ids; ``anchors``: its pool; ``index``: their
+    ``TokenIndex`` if built. Host work only: the anchors' errors are host readings, and an
+    error whose copy has not landed yet counts as unmeasured.
 
     Pure: activation counts are bumped by ``activate``."""
-    measured = [a.error for a in anchors if a.error is not None]
+    measured = [a.error.value.tolist() for a in anchors if a.error is not None and a.error.ready]
     if len(anchors) < min_anchors or not measured:
         held = f"{len(anchors)} anchor(s) pooled, {len(measured)} with a measured error"
         return GateDecision(False, f"warm-up: {held}, need {min_anchors}", anchors=list(anchors))
-    ids = torch.tensor(content_ids, dtype=torch.int64, device=measured[0].device)
-    shares = torch.stack([torch.isin(a.content_id_tensor(ids.device), ids).sum() for a in anchors])
-    matched = matched_tokens(ids, anchors).float().mean()
-    host = torch.cat([torch.stack(measured).nanmean(0), matched[None], shares.float()]).cpu()
-    e_matched, e_other, share = (float(x) for x in host[:3])
+    index = index or TokenIndex(anchors)
+    e_matched, e_other = (_nanmean(column) for column in zip(*measured, strict=True))
     e_matched = e_other if math.isnan(e_matched) else e_matched
     e_other = e_matched if math.isnan(e_other) else e_other
+    share = float(index.matched(content_ids).mean()) if content_ids else 0.0
     error = min(math.sqrt(share * e_matched**2 + (1.0 - share) * e_other**2), 1.0)
-    probs = host[3:] / host[3:].sum().clamp_min(1.0)
+    held = torch.from_numpy(index.shares(content_ids)).float()
+    probs = held / held.sum().clamp_min(1.0)
     if error > threshold:
         return GateDecision(False, "predicted error", error, threshold, list(anchors), probs)
     # the anchors the estimate drew on: those holding the content's ids; else the index mean's
-    activated = _top_p(list(anchors), probs, top_p) if float(host[3:].sum()) else list(anchors)
+    activated = _top_p(list(anchors), probs, top_p) if float(held.sum()) else list(anchors)
     return GateDecision(True, "", error, threshold, list(anchors), probs, activated)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def decide(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from radix_anchor.anchor_pool import KV
+from radix_anchor.transfer import to_device
 
 
 @dataclass
@@ -36,7 +37,9 @@ class Distances:
     values: torch.Tensor  # [N] Frobenius ||V - V_n[:T]|| (the entropy gate's)
 
     def rows(self, index: list[int]) -> Distances:
-        i = torch.tensor(index, dtype=torch.long, device=self.values.device)
+        if index == list(range(len(self.values))):
+            return self
+        i = to_device(index, self.values.device)
         return Distances(
             *(
                 t.index_select(0, i)

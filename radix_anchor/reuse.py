@@ -36,11 +36,19 @@ import torch
 
 from radix_anchor.anchor_pool import KV, Anchor, AnchorStore, covering
 from radix_anchor.base_store import BaseStore
-from radix_anchor.estimate import EstimateOptions, Recipe, apply, held_out_error, weigh
+from radix_anchor.estimate import (
+    EstimateOptions,
+    Recipe,
+    apply,
+    held_out_error,
+    pool_means,
+    weigh,
+)
 from radix_anchor.gate import GateDecision, activate, decide, decide_by_error
 from radix_anchor.matching import Distances, anchor_distances
 from radix_anchor.prompt import PromptLayout
 from radix_anchor.rope import RopeSpec, rotate
+from radix_anchor.transfer import HostReading
 
 Read = Callable[[int, int], KV]  # measured KV of the prompt's tokens [start, end)
 
@@ -171,7 +179,7 @@ class KVComm:
 
         # distances of every span first (device work queued back to back), decisions after:
         # the gate's host-side read then waits once, not once per span
-        candidates: list[tuple[int, KV, list[Anchor], Distances | None]] = []
+        candidates = []
         by_index = self.config.estimate.placeholder == "index"
         for j in range(first, len(spans)):
             if spans[j][0] >= end:
@@ -180,7 +188,9 @@ class KVComm:
             base = self.bases.get(content)
             if base is None:
                 return Fallback("no base KV", f"span {j} {spans[j]}")
-            pool = list(self.anchors.get(self.pool_key(layout, j)) or ())
+            stored = self.anchors.get(self.pool_key(layout, j))
+            pool = list(stored or ())
+            index = stored.token_index() if stored is not None and not by_index else None
             usable = covering(pool, base.num_tokens)
             following = self._estimated_following(layout, j, end)
             sources = usable if by_index else pool
@@ -188,14 +198,16 @@ class KVComm:
                 if not any(a.following_ids == following for a in sources):
                     return Fallback("following segment unseen", f"span {j}")
             dist = self.distances(base, [a.base for a in usable]) if len(usable) >= 2 else None
-            candidates.append((j, base, pool, dist))
-        chosen: list[tuple[int, KV, list[Anchor], GateDecision, Distances | None]] = []
-        for j, base, pool, dist in candidates:
+            candidates.append((j, base, pool, index, dist))
+        chosen = []
+        for j, base, pool, index, dist in candidates:
             if by_index:
                 values = None if dist is None else dist.values
                 decision = decide(base.v, pool, self.config.threshold, distances=values)
             else:
-                decision = decide_by_error(layout.content(j), pool, self.config.threshold)
+                decision = decide_by_error(
+                    layout.content(j), pool, self.config.threshold, index=index
+                )
             if not decision.shareable:
                 measured = ""
                 if not math.isnan(decision.statistic):
@@ -203,10 +215,10 @@ class KVComm:
                 return Fallback(
                     decision.reason.split(":")[0], f"span {j}: {decision.reason}{measured}"
                 )
-            chosen.append((j, base, pool, decision, dist))
+            chosen.append((j, base, pool, index, decision, dist))
 
         pieces = []
-        for j, base, pool, _, dist in chosen:
+        for j, base, pool, index, _, dist in chosen:
             following = self._estimated_following(layout, j, end)
             nothing_after = None if following else KV(base.k[:, :0], base.v[:, :0])
             recipe = weigh(
@@ -217,6 +229,7 @@ class KVComm:
                 nothing_after,
                 dist,
                 content_ids=layout.content(j),
+                index=index,
             )
             span_start, span_end = spans[j]
             pieces.append(
@@ -227,7 +240,7 @@ class KVComm:
                     max(0, min(layout.following_end(j), end) - span_end),
                 )
             )
-        return Reuse(start, end, pieces, [d for _, _, _, d, _ in chosen])
+        return Reuse(start, end, pieces, [d for *_, d, _ in chosen])
 
     def pool_key(self, layout: PromptLayout, j: int) -> Hashable:
         """Span j's anchor pool: its template, and the origin of its content's base."""
@@ -266,9 +279,14 @@ class KVComm:
                 context,
                 content_ids=tokens,
             )
-            if len(pool) and self.config.estimate.placeholder == "token":
-                anchor.error = held_out_error(anchor, list(pool))
+            by_token = self.config.estimate.placeholder == "token"
+            if len(pool) and by_token:
+                others = list(pool)
+                error = held_out_error(anchor, others, pool.token_index())
+                anchor.error = HostReading.of(error)
             pool.add(anchor)
+            if by_token:
+                pool_means(pool.token_index(), list(pool))
         self._enforce_budget()
 
     def observe_output(
@@ -321,7 +339,7 @@ class KVComm:
             for pool in self.anchors.pools()
             for a in pool
             for kv in (a.base, a.ph_offset, a.following)
-        ]
+        ] + [kv for pool in self.anchors.pools() for kv in pool.cached_kvs()]
 
     def _enforce_budget(self) -> None:
         """Free memory in one least-recently-used order over bases and anchor pools: the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ import kvcomm_kernels
 from radix_anchor.anchor_pool import KV
 from radix_anchor.estimate import Recipe, apply
 from radix_anchor.rope import RopeSpec, rotate
+from radix_anchor.token_index import Taps, dense_taps
 
 # (layers, kv heads, head dim): SmolLM2-135M, Qwen2-0.5B, Llama-3-8B (layers cut to keep the
 # interpreter fast where noted: the layer loop is the same code for every layer >= 1)
@@ -59,15 +61,34 @@ def _kv(layers, tokens, heads, dim, dtype) -> KV:
     )
 
 
-def _recipe(shape, dtype, tokens, following, anchors) -> Recipe:
+def _sparse_taps(tokens: int, rows: list[int]) -> Taps:
+    """Random taps: 0 to 5 per token, over sources of ``rows`` rows each (a 1-row source like
+    the pool mean among them), weights summing to 1 per token."""
+    counts = torch.randint(0, 6, (tokens,)).numpy()
+    source = np.concatenate([np.random.randint(0, len(rows), c) for c in counts]).astype(np.int64)
+    row = np.array([np.random.randint(0, rows[s]) for s in source], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    weight = np.random.rand(len(source)).astype(np.float32)
+    return Taps(indptr, source, row, weight, False)
+
+
+def _recipe(shape, dtype, tokens, following, anchors, taps="dense") -> Recipe:
     layers, heads, dim = shape
     offsets = [_kv(layers, tokens + extra, heads, dim, dtype) for extra in range(anchors)]
     follows = [_kv(layers, following, heads, dim, dtype) for _ in range(max(anchors, 1))]
-    wk = torch.softmax(torch.randn(anchors, tokens), 0) if anchors else None
-    wv = torch.softmax(torch.randn(anchors, tokens), 0) if anchors else None
     fk = torch.softmax(torch.randn(len(follows), layers, heads, dim), 0)
     fv = torch.softmax(torch.randn(len(follows), layers, heads, dim), 0)
-    return Recipe(_kv(layers, tokens, heads, dim, dtype), offsets, wk, wv, follows, fk, fv)
+    base = _kv(layers, tokens, heads, dim, dtype)
+    if not anchors:
+        return Recipe(base, [], None, None, None, follows, fk, fv)
+    if taps == "dense":
+        plan = dense_taps(anchors, tokens)
+        wk, wv = (torch.softmax(torch.randn(anchors, tokens), 0).t().reshape(-1) for _ in "kv")
+    else:
+        offsets.append(_kv(layers, 1, heads, dim, dtype))
+        plan = _sparse_taps(tokens, [o.num_tokens for o in offsets])
+        wk, wv = torch.from_numpy(plan.weight), torch.rand(len(plan.weight))
+    return Recipe(base, offsets, plan, wk, wv, follows, fk, fv)
 
 
 def _slots(n: int, taken: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,11 +101,12 @@ def _slots(n: int, taken: torch.Tensor | None = None) -> torch.Tensor:
 @pytest.mark.parametrize("model", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["neox", "interleaved"])
-def test_write_recipe_matches_the_reference(model, dtype, layout):
+@pytest.mark.parametrize("taps", ["dense", "sparse"])
+def test_write_recipe_matches_the_reference(model, dtype, layout, taps):
     shape = SHAPES[model]
     rope = RopeSpec.from_theta(shape[2], 5e5, layout)
     tokens, following, position = 23, 5, 1234  # odd lengths, a far position
-    recipe = _recipe(shape, dtype, tokens, following, anchors=3)
+    recipe = _recipe(shape, dtype, tokens, following, anchors=3, taps=taps)
     content = _slots(tokens)
     fol = _slots(following - 1, taken=content)  # the last following token is cut off
     assert not content.is_contiguous() or content.numel() == 1

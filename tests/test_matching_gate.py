@@ -10,6 +10,7 @@ import torch
 from radix_anchor.anchor_pool import KV, Anchor
 from radix_anchor.gate import activate, decide, decide_by_error
 from radix_anchor.matching import blend, following_weights, placeholder_weights
+from radix_anchor.transfer import HostReading
 
 L, H, D = 2, 2, 4
 
@@ -128,7 +129,7 @@ def test_top_p_activation():
 def _measured(ids: tuple[int, ...], error: tuple[float, float] | None) -> Anchor:
     anchor = _anchor(torch.randn(L, len(ids), H, D))
     anchor.content_ids = ids
-    anchor.error = None if error is None else torch.tensor(error)
+    anchor.error = None if error is None else HostReading.of(torch.tensor(error))
     return anchor
 
 

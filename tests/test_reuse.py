@@ -297,7 +297,9 @@ def test_anchors_record_the_pools_error_and_the_gate_refuses_above_the_threshold
     for j in range(2):
         first, second = engine.anchors.get(engine.pool_key(layout, j))
         assert first.error is None
-        torch.testing.assert_close(second.error, held_out_error(second, [first]), equal_nan=True)
+        torch.testing.assert_close(
+            second.error.value, held_out_error(second, [first]), equal_nan=True
+        )
     reuse = engine.plan(layout, layout.spans[0][0], len(layout.tokens) - 1)
     assert isinstance(reuse, Reuse) and 0 < reuse.gate_statistic <= 1
     strict = KVComm(ROPE, ReuseConfig(threshold=reuse.gate_statistic / 2, exact_final=0))

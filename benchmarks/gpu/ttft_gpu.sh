@@ -11,7 +11,7 @@
 # Each server gets --max-total-tokens 65536 (8 GiB of KV at Llama-3.1-8B shape), so both fit with
 # the --kvcomm server's anchors and bases (--kvcomm-max-memory-mb) on an 80 GB GPU.
 set -euo pipefail
-B=.gpu
+B=$PWD/.gpu
 OUT=${OUT:-/tmp/ttft_out}
 KVCOMM_FLAGS=${KVCOMM_FLAGS:---kvcomm-threshold 1.0 --kvcomm-max-memory-mb 12000}
 mkdir -p "$OUT" /tmp/site /tmp/models
@@ -19,11 +19,14 @@ mkdir -p "$OUT" /tmp/site /tmp/models
 [ -f /tmp/site/.unpacked ] || { tar -xJf $B/site.tar.xz -C /tmp/site && touch /tmp/site/.unpacked; }
 [ -d /tmp/models/llama31-8b-dummy ] || tar -xJf $B/model.tar.xz -C /tmp/models
 [ -d "$HOME/.cache/tvm-ffi" ] || tar -xzf $B/jit_cache_h100.tgz -C "$HOME"
-pip install -q --no-deps --target /tmp/site $B/sglang_kvcomm-*.whl
+# --upgrade: a /tmp/site left by an earlier run on the same host keeps its old copy otherwise.
+# Servers start in /tmp: from the project root, its sglang_kvcomm/ and radix_anchor/ would shadow
+# the wheel's (python -m puts the working directory first on sys.path), its kernels would not.
+pip install -q --upgrade --no-deps --target /tmp/site $B/sglang_kvcomm-*.whl
 SHARED=(--mem-fraction-static 0.9 --max-total-tokens 65536)
 trap 'pkill -TERM -f sglang.launch_server || true' EXIT
-(LOG=$OUT/radix.log source $B/start_server.sh --port 30000 "${SHARED[@]}") & radix=$!
-(LOG=$OUT/kvcomm.log source $B/start_server.sh --port 30001 "${SHARED[@]}" --kvcomm $KVCOMM_FLAGS) &
+(cd /tmp && LOG=$OUT/radix.log source $B/start_server.sh --port 30000 "${SHARED[@]}") & radix=$!
+(cd /tmp && LOG=$OUT/kvcomm.log source $B/start_server.sh --port 30001 "${SHARED[@]}" --kvcomm $KVCOMM_FLAGS) &
 kvcomm=$!
 wait $radix && wait $kvcomm
 export PYTHONPATH=/tmp/site:$PWD/benchmarks

@@ -63,7 +63,7 @@ def write_recipe(
 
     interleaved = rope.layout == "interleaved"
     device = content_slots.device
-    base = recipe.base
+    base, taps = recipe.base, recipe.taps
     if n_content:
         cos, sin = _shift_rows(n_content, position, rope, device)
         triton_ops.write_content(
@@ -74,6 +74,7 @@ def write_recipe(
             base.v.contiguous(),
             [o.k.contiguous() for o in recipe.offsets],
             [o.v.contiguous() for o in recipe.offsets],
+            None if taps is None else (taps.indptr, taps.source, taps.row),
             recipe.wk,
             recipe.wv,
             cos,

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from radix_anchor.transfer import to_device
 
 # Sizes and the slot table (often a view at any offset) are runtime values, not specialization
 # keys: one compiled variant per model shape and dtype, compiled once by ``warm_up``.
@@ -50,19 +54,18 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return _TL_DTYPES[dtype]
 
 
-def int64_on(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 table on ``device`` without a synchronizing copy (pinned, async)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def tables(device: torch.device, *columns: list[int]) -> list[torch.Tensor]:
-    """Several equally long int64 tables in one copy to the device, returned as views."""
-    n = len(columns[0])
-    packed = int64_on([v for column in columns for v in column], device)
-    return [packed[i * n : (i + 1) * n] for i in range(len(columns))]
+def tables(device: torch.device, *columns: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+    """Several int64 tables in one asynchronous copy to the device, returned as views. Each
+    starts 16-byte aligned, so a kernel's pointer arguments keep one specialization whatever
+    the lengths (a new one would compile inside a request)."""
+    padded = [np.asarray(c, dtype=np.int64) for c in columns]
+    sizes = [len(c) + len(c) % 2 for c in padded]
+    packed = to_device(
+        np.concatenate([np.pad(c, (0, n - len(c))) for c, n in zip(padded, sizes, strict=True)]),
+        device,
+    )
+    views = torch.split(packed, sizes)
+    return [v[: len(c)] for v, c in zip(views, padded, strict=True)]
 
 
 def addresses(tensors: list[torch.Tensor]) -> list[int]:
@@ -71,7 +74,7 @@ def addresses(tensors: list[torch.Tensor]) -> list[int]:
 
 @functools.lru_cache(maxsize=8)
 def _pool_table(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return int64_on(list(addresses), device)
+    return to_device(list(addresses), device)
 
 
 def pool_table(buffers: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -174,6 +177,9 @@ def _content_kernel(
     off_k_tab,
     off_v_tab,
     off_layer_stride,
+    indptr,
+    source,
+    row,
     wk,
     wv,
     cos,
@@ -183,8 +189,6 @@ def _content_kernel(
     pool_v_tab,
     n_tokens,
     base_tokens,
-    n_anchors,
-    w_stride,
     HEADS: tl.constexpr,
     DIM: tl.constexpr,
     HALF: tl.constexpr,
@@ -197,13 +201,25 @@ def _content_kernel(
     k1, k2 = _load_pair(base_k, src, c1, c2, m)
     v1, v2 = _load_pair(base_v, src, c1, c2, m)
     if layer > 0:  # layer 0 depends on token and position only: the rotated base is exact
-        for n in range(n_anchors):  # per-token weights, the same for both halves
-            row = layer * tl.load(off_layer_stride + n) + (t * HEADS + head) * DIM
-            a = tl.load(wk + n * w_stride + t, mask=mask, other=0.0)[:, None]
-            b = tl.load(wv + n * w_stride + t, mask=mask, other=0.0)[:, None]
-            k1, k2, v1, v2 = _add_weighted(
-                off_k_tab, off_v_tab, n, row, c1, c2, m, a, a, b, b, k1, k2, v1, v2, DT
-            )
+        first = tl.load(indptr + t, mask=mask, other=0)
+        count = tl.load(indptr + t + 1, mask=mask, other=0) - first
+        for j in range(0, tl.max(count, 0)):  # each token's taps, in CSR order
+            live = mask & (j < count)
+            tap = first + j
+            s = tl.load(source + tap, mask=live, other=0)
+            r = tl.load(row + tap, mask=live, other=0)
+            a = tl.load(wk + tap, mask=live, other=0.0)[:, None]
+            b = tl.load(wv + tap, mask=live, other=0.0)[:, None]
+            at = (layer * tl.load(off_layer_stride + s, mask=live, other=0) + r * HEADS * DIM)[
+                :, None
+            ] + head * DIM
+            kp = tl.load(off_k_tab + s, mask=live, other=0).to(tl.pointer_type(DT))[:, None]
+            vp = tl.load(off_v_tab + s, mask=live, other=0).to(tl.pointer_type(DT))[:, None]
+            lm = live[:, None]
+            k1 += a * tl.load(kp + at + c1[None, :], mask=lm, other=0.0).to(tl.float32)
+            k2 += a * tl.load(kp + at + c2[None, :], mask=lm, other=0.0).to(tl.float32)
+            v1 += b * tl.load(vp + at + c1[None, :], mask=lm, other=0.0).to(tl.float32)
+            v2 += b * tl.load(vp + at + c2[None, :], mask=lm, other=0.0).to(tl.float32)
     _shift_scatter(
         k1,
         k2,
@@ -322,29 +338,41 @@ def write_content(
     slots: torch.Tensor,
     base_k: torch.Tensor,
     base_v: torch.Tensor,
-    offsets_k: list[torch.Tensor],
-    offsets_v: list[torch.Tensor],
+    sources_k: list[torch.Tensor],
+    sources_v: list[torch.Tensor],
+    taps: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
     wk: torch.Tensor | None,
     wv: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     interleaved: bool,
 ) -> None:
-    """Write ``len(slots)`` content tokens (the first of ``base``) into the pool."""
+    """Write ``len(slots)`` content tokens (the first of ``base``) into the pool; ``taps``:
+    (indptr, source, row) of ``token_index.Taps``, or None for no placeholder offset."""
     layers, base_tokens, heads, dim = base_k.shape
-    n, device = len(offsets_k), slots.device
+    device = slots.device
     slots = slots.to(torch.int64).contiguous()
-    if n == 0:  # no placeholder offset: one zero-weight dummy keeps one code path
-        offsets_k, offsets_v = [base_k], [base_v]
-        wk = wv = torch.zeros((1, base_tokens), dtype=torch.float32, device=device)
-    strides = [o.stride(0) for o in offsets_k]
+    if taps is None:  # no placeholder offset: a token without taps keeps one code path
+        sources_k, sources_v = [base_k], [base_v]
+        taps = (np.zeros(base_tokens + 1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+        wk = wv = torch.zeros(1, dtype=torch.float32, device=device)
+    k_tab, v_tab, strides, indptr_t, source_t, row_t = tables(
+        device, addresses(sources_k), addresses(sources_v), [o.stride(0) for o in sources_k], *taps
+    )
+    wk_on = _weights_on(wk, device)
+    wv_on = wk_on if wv is wk else _weights_on(wv, device)  # token-matched: one set for both
     grid = (triton.cdiv(slots.numel(), BLOCK_T), layers, heads)
     _content_kernel[grid](
         base_k,
         base_v,
-        *tables(device, addresses(offsets_k), addresses(offsets_v), strides),
-        wk.contiguous(),
-        wv.contiguous(),
+        k_tab,
+        v_tab,
+        strides,
+        indptr_t,
+        source_t,
+        row_t,
+        wk_on,
+        wv_on,
         cos.contiguous(),
         sin.contiguous(),
         slots,
@@ -352,8 +380,6 @@ def write_content(
         pool_table(pool_v, device),
         slots.numel(),
         base_tokens,
-        max(n, 1),
-        wk.stride(0),
         HEADS=heads,
         DIM=dim,
         HALF=dim // 2,
@@ -361,6 +387,13 @@ def write_content(
         INTERLEAVED=interleaved,
         BLOCK=BLOCK_T,
     )
+
+
+def _weights_on(weights: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Per-tap weights as float32 on ``device`` (host ones copied asynchronously)."""
+    if weights.device == device:
+        return weights.to(torch.float32).contiguous()
+    return to_device(weights.numpy(), device, torch.float32)
 
 
 def write_following(
