@@ -122,6 +122,12 @@ def reused(samples: list[dict], agent: int) -> int:
     return sum(s["reports"][agent].get("decision") == "reuse" for s in samples)
 
 
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values a server reported (None where none did)."""
+    known = [x for x in values if x is not None]
+    return statistics.median(known) if known else None
+
+
 def table2(bench: Bench, shape: Shape, warmup: int, runs: int) -> dict:
     ex = bench.exchange(shape)
     for i in tqdm(range(warmup + runs), desc=f"table 2 {shape}", file=sys.stdout):
@@ -130,6 +136,7 @@ def table2(bench: Bench, shape: Shape, warmup: int, runs: int) -> dict:
     agents = []
     for a in range(shape.agents):
         overhead = [s["reports"][a].get("overhead_ms") for s in ex.samples]
+        plan = [s["reports"][a].get("plan_ms") for s in ex.samples]
         agents.append(
             {
                 "agent": a + 1,
@@ -137,9 +144,8 @@ def table2(bench: Bench, shape: Shape, warmup: int, runs: int) -> dict:
                 "kvcomm_ms": kvcomm[a],
                 "speedup": radix[a] / kvcomm[a],
                 "reused": reused(ex.samples, a),
-                "estimate_ms": statistics.median(x for x in overhead if x is not None)
-                if any(x is not None for x in overhead)
-                else None,
+                "estimate_ms": _median(overhead),
+                "plan_ms": _median(plan),
                 "prompt_tokens": shape.prefix
                 + shape.input
                 + a * shape.output
@@ -210,6 +216,7 @@ def print_table2(result: dict) -> None:
             a["speedup"],
             f"{a['reused']}/{result['runs']}",
             a["estimate_ms"] if a["estimate_ms"] is not None else "-",
+            a.get("plan_ms") if a.get("plan_ms") is not None else "-",
         ]
         for a in result["agents"]
     ]
@@ -223,6 +230,7 @@ def print_table2(result: dict) -> None:
                 "speedup",
                 "reused",
                 "estimate ms",
+                "of it plan ms",
             ],
             rows,
         )

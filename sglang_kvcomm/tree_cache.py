@@ -198,10 +198,11 @@ class KVCommRadixCache(RadixCache):
             self._keep_template(exact, exact_len, layout)
             end = min(limit, len(layout.tokens) - self.tail_tokens)
             outcome = self.kvcomm.plan(layout, exact_len, end)
+        planned = time.perf_counter()
         if not isinstance(outcome, Fallback):
             outcome = self._inject(req, state, outcome, exact)
         if isinstance(outcome, Fallback):
-            self._record(req, state, "dense", exact_len, outcome, started=started)
+            self._record(req, state, "dense", exact_len, outcome, started=(started, planned))
             return exact
         self._record(
             req,
@@ -210,7 +211,7 @@ class KVCommRadixCache(RadixCache):
             outcome.start,
             None,
             estimated=outcome.num_tokens,
-            started=started,
+            started=(started, planned),
             gate=outcome.gate_statistic,
         )
         return self._with_estimate(exact, state)
@@ -365,9 +366,11 @@ class KVCommRadixCache(RadixCache):
         exact: int,
         fallback: Fallback | None,
         estimated: int = 0,
-        started: float | None = None,
+        started: tuple[float, float] | None = None,
         gate: float | None = None,
     ) -> None:
+        now = time.perf_counter()
+        began, planned = started or (now, now)
         state.report = {
             "decision": decision,
             "reason": fallback.reason if fallback else "",
@@ -377,8 +380,9 @@ class KVCommRadixCache(RadixCache):
             "tokens_prefilled": len(req.origin_input_ids) - exact - estimated,
             "agent": state.request.agent,
             "gate_statistic": gate,  # of a reuse; a fallback's detail names it
-            # host time of the decision (plan, estimate, pool write as launched)
-            "overhead_ms": 0.0 if started is None else 1000 * (time.perf_counter() - started),
+            # host time of the decision (plan, estimate, pool write as launched), and of the plan
+            "overhead_ms": 1000 * (now - began),
+            "plan_ms": 1000 * (planned - began),
         }
         req.customized_info = {**(req.customized_info or {}), META_KEY: [state.report]}
 
