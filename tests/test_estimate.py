@@ -133,6 +133,35 @@ def _token_matched_reference(ids, anchors):
     return torch.stack(ks, 1), torch.stack(vs, 1)
 
 
+@pytest.mark.parametrize("content_ids", [(), (7, 7, 3, 9, 1)], ids=["unknown ids", "known ids"])
+def test_anchors_without_ids_and_contents_without_ids_take_the_index_mean(content_ids):
+    """An anchor whose ids are unknown gives no same-id rows but counts at its indices; a
+    content whose ids are unknown takes the index mean everywhere (the pool mean past it)."""
+    torch.manual_seed(4)
+    pooled_ids = [(7, 3, 3, 8), ()]  # the second anchor's ids are unknown
+    anchors = [
+        Anchor(
+            base=_rand(4),
+            ph_offset=_rand(4),
+            following=_rand(S),
+            following_ids=FOLLOW_IDS,
+            position=0,
+            content_ids=ids,
+        )
+        for ids in pooled_ids
+    ]
+    base, template = _rand(5), _rand(S)
+    est = estimate(
+        base, 2, anchors, FOLLOW_IDS, ROPE, following_base=template, content_ids=content_ids
+    )
+    ids = content_ids or (-1,) * 5  # no pooled id is negative
+    want_k, want_v = _token_matched_reference(ids, anchors)
+    close = {"rtol": 1e-5, "atol": 1e-5}  # float32 means against float64
+    got_v, got_k = est.content.v[1:].double(), est.content.k[1:].double()
+    torch.testing.assert_close(got_v, (base.v.double() + want_v)[1:], **close)
+    torch.testing.assert_close(got_k, rotate(base.k.double() + want_k, 2, ROPE)[1:], **close)
+
+
 def test_token_matched_offsets_match_a_token_by_token_reference():
     torch.manual_seed(3)
     length = 7  # longer than every anchor below: the last token takes the pool mean
